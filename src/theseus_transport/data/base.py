@@ -1,0 +1,183 @@
+"""Split handling and calibration sampling shared by the image and text datamodules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .calibration import CALIBRATION_PROTOCOLS, sample_k_batches, sample_k_shots
+from .sources import ZOO_PREFIX, load_dataset_dict
+from .splits import CALIBRATION_SPLIT, limit, standard_splits
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Base datamodule: load a dataset, standardise its splits, sample calibration examples."""
+
+    def __init__(
+        self,
+        dataset: str,
+        dataset_config: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        calibration_protocol: str = "batches",
+        calibration_batches: int = 1,
+        calibration_batch_size: int = 32,
+        calibration_shots: int = 4,
+        calibration_seed: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+        test_limit: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if calibration_protocol not in CALIBRATION_PROTOCOLS:
+            raise ValueError(f"calibration_protocol must be one of {CALIBRATION_PROTOCOLS}, got {calibration_protocol!r}")
+        self.dataset = dataset
+        self.dataset_config = dataset_config
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.calibration_protocol = calibration_protocol
+        self.calibration_batches = calibration_batches
+        self.calibration_batch_size = calibration_batch_size
+        self.calibration_shots = calibration_shots
+        self.calibration_seed = calibration_seed
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
+        self.cache_dir = cache_dir
+        self._raw: datasets.DatasetDict | None = None
+        self._splits: dict[str, datasets.Dataset] | None = None
+
+    # ----- construction from in-memory data --------------------------------------------------------
+    @classmethod
+    def from_datasets(cls, raw: datasets.DatasetDict, name: str = "custom", **kwargs: Any) -> "TaskDataModule":
+        """Build the datamodule on an in-memory DatasetDict instead of a hub id or path."""
+        module = cls(dataset=name, **kwargs)
+        module._raw = raw
+        return module
+
+    # ----- hooks for subclasses ----------------------------------------------------------------------
+    def _split_names(self) -> dict[str, str | None]:
+        """Return train_split / val_split / test_split names for standard_splits."""
+        return {}
+
+    def _clean(self, dataset: datasets.Dataset) -> datasets.Dataset:
+        """Drop unusable rows (e.g. unlabelled ones); identity by default."""
+        return dataset
+
+    def _on_splits_ready(self, splits: dict[str, datasets.Dataset]) -> None:
+        """Inspect columns and features once the splits exist."""
+
+    def _labels(self, dataset: datasets.Dataset) -> list[int]:
+        """Return the integer labels of a split (for k-shot sampling)."""
+        raise NotImplementedError
+
+    def _wrap(self, split: str) -> Dataset:
+        """Return the torch Dataset that yields training / evaluation examples of a split."""
+        raise NotImplementedError
+
+    def _collate(self) -> Callable | None:
+        return None
+
+    # ----- names ---------------------------------------------------------------------------------------
+    @property
+    def task_name(self) -> str:
+        """Short task name: the zoo task, the registry name, or the last part of the id or path."""
+        if self.dataset.startswith(ZOO_PREFIX):
+            return self.dataset[len(ZOO_PREFIX) :]
+        return Path(self.dataset.rstrip("/")).name
+
+    # ----- splits ------------------------------------------------------------------------------------------
+    def _is_remote(self) -> bool:
+        return self._raw is None and not Path(self.dataset).expanduser().exists()
+
+    def prepare_data(self) -> None:
+        """Download (hub) or build (zoo) the dataset once, on the main process only."""
+        if self._is_remote():
+            load_dataset_dict(self.dataset, self.dataset_config, cache_dir=self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the dataset and prepare the splits (idempotent)."""
+        self._ensure_splits()
+
+    def _ensure_splits(self) -> dict[str, datasets.Dataset]:
+        if self._splits is None:
+            raw = self._raw if self._raw is not None else load_dataset_dict(
+                self.dataset, self.dataset_config, cache_dir=self.cache_dir
+            )
+            splits = standard_splits(raw, val_fraction=self.val_fraction, seed=self.seed, **self._split_names())
+            splits = {name: self._clean(split) for name, split in splits.items()}
+            splits = {name: limit(split, self.limits.get(name), seed=self.seed) for name, split in splits.items()}
+            self._on_splits_ready(splits)
+            self._splits = splits
+        return self._splits
+
+    @property
+    def splits(self) -> dict[str, datasets.Dataset]:
+        """The prepared HF splits: train, val, test and, when shipped, calibration."""
+        return self._ensure_splits()
+
+    # ----- dataloaders ------------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self._collate(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training batches."""
+        return self._loader(self._wrap("train"), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in a fixed order."""
+        return self._loader(self._wrap("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in a fixed order."""
+        return self._loader(self._wrap("test"), self.eval_batch_size, shuffle=False)
+
+    # ----- calibration --------------------------------------------------------------------------------------
+    def calibration_split(self) -> datasets.Dataset:
+        """The split calibration examples come from: the shipped calibration split, else train."""
+        splits = self._ensure_splits()
+        return splits.get(CALIBRATION_SPLIT, splits["train"])
+
+    def calibration_indices(self) -> list[int]:
+        """Indices (into calibration_split) of the calibration examples, in their fixed order."""
+        source = self.calibration_split()
+        if self.calibration_protocol == "batches":
+            return sample_k_batches(len(source), self.calibration_batches, self.calibration_batch_size, self.calibration_seed)
+        return sample_k_shots(self._labels(source), self.calibration_shots, self.calibration_seed)
+
+    def calibration_batches_for(self, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        """Calibration indices cut into batches; with world_size > 1 only this rank's share (round robin)."""
+        indices = self.calibration_indices()
+        size = self.calibration_batch_size
+        batches = [indices[start : start + size] for start in range(0, len(indices), size)]
+        return batches[rank::world_size]
+
+    def _calibration_loader(
+        self, paired: Dataset, rank: int, world_size: int, collate_fn: Callable | None = None
+    ) -> DataLoader:
+        return DataLoader(
+            paired,
+            batch_sampler=self.calibration_batches_for(rank, world_size),
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+        )

@@ -1,0 +1,235 @@
+"""Premise/hypothesis classification datamodule with fixed-length tokenisation for paired calibration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from .base import TaskDataModule
+from .registry import find_text_task
+from .sources import find_label_column
+from .tokenizers import load_tokenizer
+
+# column pairs tried, in order, for datasets outside the registry
+TEXT_PAIR_COLUMNS = (
+    ("premise", "hypothesis"),
+    ("sentence1", "sentence2"),
+    ("question", "sentence"),
+    ("question", "passage"),
+    ("text_a", "text_b"),
+)
+DEFAULT_TEXT_TEMPLATE = "premise: {premise} hypothesis: {hypothesis}"
+
+
+def find_text_pair_columns(features: datasets.Features) -> tuple[str, str]:
+    """Return the (premise, hypothesis) column names of a text-pair dataset."""
+    for first, second in TEXT_PAIR_COLUMNS:
+        if first in features and second in features:
+            return first, second
+    raise KeyError(f"no premise/hypothesis columns among {list(features)}; tried {TEXT_PAIR_COLUMNS}")
+
+
+class TextPairDataset(Dataset):
+    """Raw {"premise", "hypothesis", "label"} rows over one HF split, labels mapped to integers."""
+
+    def __init__(self, split: datasets.Dataset, columns: tuple[str, str], label_column: str, label_map: dict | None) -> None:
+        self.split, self.columns, self.label_column, self.label_map = split, columns, label_column, label_map
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.split[int(index)]
+        label = row[self.label_column]
+        return {
+            "premise": row[self.columns[0]],
+            "hypothesis": row[self.columns[1]],
+            "label": int(self.label_map[label] if self.label_map is not None else label),
+        }
+
+
+class PairTokenizer:
+    """Collate rows into {"input_ids", "attention_mask"} padded to a fixed max_length."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, template: str) -> None:
+        self.tokenizer, self.max_length, self.template = tokenizer, max_length, template
+
+    def encode(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Tokenise rows through the text template; every sequence has exactly max_length tokens."""
+        texts = [self.template.format(premise=row["premise"], hypothesis=row["hypothesis"]) for row in rows]
+        # fixed-length padding keeps token positions of two tokenizers' outputs aligned for calibration
+        encoded = self.tokenizer(
+            texts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.encode(rows)
+        batch["labels"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)
+        return batch
+
+
+class PairedTokenizer:
+    """Collate rows into {"source": {...}, "target": {...}, "label": Tensor} for calibration."""
+
+    def __init__(self, source: PairTokenizer, target: PairTokenizer) -> None:
+        self.source, self.target = source, target
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "source": self.source.encode(rows),
+            "target": self.target.encode(rows),
+            "label": torch.tensor([row["label"] for row in rows], dtype=torch.long),
+        }
+
+
+class TextPairDataModule(TaskDataModule):
+    """Premise/hypothesis classification (MNLI, QNLI, RTE, SNLI, SciTail or any similar dataset).
+
+    Batches are ``{"input_ids", "attention_mask", "labels"}`` from the target tokenizer; calibration
+    batches are ``{"source": {...}, "target": {...}, "label"}`` of the same examples.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        dataset_config: str | None = None,
+        tokenizer_name: str = "byt5-offline",
+        source_tokenizer_name: str | None = None,
+        max_length: int = 128,
+        text_template: str = DEFAULT_TEXT_TEMPLATE,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        calibration_protocol: str = "batches",
+        calibration_batches: int = 1,
+        calibration_batch_size: int = 32,
+        calibration_shots: int = 4,
+        calibration_seed: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+        test_limit: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        spec = find_text_task(dataset, dataset_config)
+        if spec is not None:
+            dataset, dataset_config = spec.hub_id, spec.config
+        super().__init__(
+            dataset=dataset,
+            dataset_config=dataset_config,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            calibration_protocol=calibration_protocol,
+            calibration_batches=calibration_batches,
+            calibration_batch_size=calibration_batch_size,
+            calibration_shots=calibration_shots,
+            calibration_seed=calibration_seed,
+            val_fraction=val_fraction,
+            seed=seed,
+            train_limit=train_limit,
+            val_limit=val_limit,
+            test_limit=test_limit,
+            cache_dir=cache_dir,
+        )
+        self.save_hyperparameters()
+        self.spec = spec
+        self.tokenizer_name, self.source_tokenizer_name = tokenizer_name, source_tokenizer_name
+        self.max_length, self.text_template = max_length, text_template
+        self.columns: tuple[str, str] | None = None
+        self.label_column: str | None = None
+        self.label_map: dict | None = None
+        self._classnames: list[str] | None = None
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+
+    @property
+    def task_name(self) -> str:
+        """Registry short name (mnli, rte, ...) for known datasets, else the config or id tail."""
+        if self.spec is not None:
+            return self.spec.name
+        return self.dataset_config or super().task_name
+
+    @property
+    def classnames(self) -> list[str]:
+        """Label names in label order."""
+        self._ensure_splits()
+        return list(self._classnames)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of labels."""
+        return len(self.classnames)
+
+    def tokenizer(self, name: str | None = None) -> PreTrainedTokenizerBase:
+        """The (cached) tokenizer of a name; the target tokenizer by default."""
+        name = name or self.tokenizer_name
+        if name not in self._tokenizers:
+            self._tokenizers[name] = load_tokenizer(name)
+        return self._tokenizers[name]
+
+    # ----- splits ------------------------------------------------------------------------------------------
+    def _split_names(self) -> dict[str, str | None]:
+        if self.spec is None:
+            return {}
+        return {"train_split": self.spec.train_split, "val_split": self.spec.val_split, "test_split": self.spec.test_split}
+
+    def _columns_for(self, features: datasets.Features) -> tuple[tuple[str, str], str]:
+        if self.spec is not None:
+            return (self.spec.first_column, self.spec.second_column), self.spec.label_column
+        return find_text_pair_columns(features), find_label_column(features)
+
+    def _clean(self, dataset: datasets.Dataset) -> datasets.Dataset:
+        _, label_column = self._columns_for(dataset.features)
+        feature = dataset.features[label_column]
+        if isinstance(feature, datasets.Value) and feature.dtype == "string":
+            names = set(self.spec.label_names) if self.spec and self.spec.label_names else None
+            if names is None:
+                return dataset.filter(lambda label: bool(label), input_columns=label_column)
+            return dataset.filter(lambda label: label in names, input_columns=label_column)
+        # SNLI and GLUE mark examples without a gold label with -1
+        return dataset.filter(lambda label: label >= 0, input_columns=label_column)
+
+    def _on_splits_ready(self, splits: dict[str, datasets.Dataset]) -> None:
+        features = splits["train"].features
+        self.columns, self.label_column = self._columns_for(features)
+        feature = features[self.label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            self._classnames, self.label_map = list(feature.names), None
+        elif isinstance(feature, datasets.Value) and feature.dtype == "string":
+            names = self.spec.label_names if self.spec and self.spec.label_names else sorted(set(splits["train"][self.label_column]))
+            self._classnames = list(names)
+            self.label_map = {name: index for index, name in enumerate(names)}
+        else:
+            self._classnames = [str(index) for index in range(int(max(splits["train"][self.label_column])) + 1)]
+            self.label_map = None
+
+    def _labels(self, dataset: datasets.Dataset) -> list[int]:
+        labels = dataset[self.label_column]
+        return [int(self.label_map[label] if self.label_map is not None else label) for label in labels]
+
+    # ----- dataloaders ------------------------------------------------------------------------------------
+    def _wrap(self, split: str) -> Dataset:
+        splits = self._ensure_splits()
+        return TextPairDataset(splits[split], self.columns, self.label_column, self.label_map)
+
+    def _collate(self) -> PairTokenizer:
+        return PairTokenizer(self.tokenizer(), self.max_length, self.text_template)
+
+    def calibration_dataloader(
+        self, source_tokenizer_name: str | None = None, rank: int = 0, world_size: int = 1
+    ) -> DataLoader:
+        """Paired calibration batches: the same examples tokenised by the source and the target tokenizer."""
+        source_name = source_tokenizer_name or self.source_tokenizer_name or self.tokenizer_name
+        self._ensure_splits()
+        paired = TextPairDataset(self.calibration_split(), self.columns, self.label_column, self.label_map)
+        collate = PairedTokenizer(
+            PairTokenizer(self.tokenizer(source_name), self.max_length, self.text_template),
+            PairTokenizer(self.tokenizer(), self.max_length, self.text_template),
+        )
+        return self._calibration_loader(paired, rank, world_size, collate_fn=collate)

@@ -1,0 +1,151 @@
+"""The adapter interface every model family implements, and helpers for activation capture."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..transport.rule import ParamRule
+
+MAP_MODES = ("rank_aware", "paper")
+
+
+class Capture:
+    """Activations of the current batch, filled by hooks, keyed by space name (B x N x D)."""
+
+    def __init__(self, wanted: set[str], sequence_first: bool = False) -> None:
+        self.wanted = wanted
+        self.sequence_first = sequence_first
+        self.activations: dict[str, torch.Tensor] = {}
+
+    def wants(self, space: str) -> bool:
+        """Whether the current pass should keep activations of `space`."""
+        return space in self.wanted
+
+    def put(self, space: str, activation: torch.Tensor, sequence_first: bool | None = None) -> None:
+        """Store an activation, normalised to batch-first, if the space is wanted."""
+        if space not in self.wanted:
+            return
+        seq_first = self.sequence_first if sequence_first is None else sequence_first
+        activation = activation.detach()
+        if activation.ndim == 2:
+            activation = activation.unsqueeze(1)
+        elif seq_first:
+            activation = activation.transpose(0, 1)
+        self.activations[space] = activation
+
+    def clear(self) -> None:
+        """Forget the previous batch's activations."""
+        self.activations.clear()
+
+
+def hook_output(module: nn.Module, capture: Capture, space: str) -> torch.utils.hooks.RemovableHandle:
+    """Register a forward hook storing `module`'s output under `space`."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        capture.put(space, output[0] if isinstance(output, tuple) else output)
+
+    return module.register_forward_hook(hook)
+
+
+def hook_input(module: nn.Module, capture: Capture, space: str) -> torch.utils.hooks.RemovableHandle:
+    """Register a forward hook storing `module`'s first input under `space`."""
+
+    def hook(_module: nn.Module, inputs: Any, _output: Any) -> None:
+        capture.put(space, inputs[0])
+
+    return module.register_forward_hook(hook)
+
+
+class FamilyAdapter(ABC):
+    """What the engine needs to know about a model family: keys, spaces, capture, blocks."""
+
+    name: str = ""
+    default_token_alignment: str = "none"
+
+    @abstractmethod
+    def encoder(self, model: nn.Module) -> nn.Module:
+        """Return the submodule whose parameters form the task vector (e.g. OpenCLIP's `visual`)."""
+
+    @abstractmethod
+    def matches(self, encoder: nn.Module) -> bool:
+        """Whether `encoder` is a model this adapter handles."""
+
+    @abstractmethod
+    def param_rules(self, encoder: nn.Module, map_mode: str) -> dict[str, ParamRule]:
+        """Return a rule (pieces or skip reason) for every floating-point key of the encoder."""
+
+    @abstractmethod
+    @contextlib.contextmanager
+    def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:
+        """Install hooks that fill a Capture with the wanted spaces on each forward pass."""
+
+    @abstractmethod
+    def forward(self, encoder: nn.Module, batch: Any) -> None:
+        """Run the encoder on one calibration batch (outputs are not needed)."""
+
+    def token_mask(self, batch: Any) -> torch.Tensor | None:
+        """Return a B x N mask of real (non-padding) tokens, or None when all tokens count."""
+        return None
+
+    @abstractmethod
+    def blocks(self, encoder: nn.Module) -> nn.ModuleList:
+        """Return the encoder's list of residual blocks (for depth expansion)."""
+
+    @abstractmethod
+    def block_prefix(self, encoder: nn.Module) -> str:
+        """Return the state-dict prefix of the blocks, e.g. 'transformer.resblocks'."""
+
+    def describe(self, encoder: nn.Module) -> dict[str, Any]:
+        """Return a short description (widths, depth) for reports and errors."""
+        return {"depth": len(self.blocks(encoder))}
+
+    def batch_to(self, batch: Any, device: torch.device) -> Any:
+        """Move a calibration batch (tensor or dict of tensors) to `device`."""
+        if isinstance(batch, torch.Tensor):
+            return batch.to(device)
+        if isinstance(batch, dict) or hasattr(batch, "items"):
+            return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        return batch
+
+
+_REGISTRY: dict[str, Callable[[], FamilyAdapter]] = {}
+
+
+def register_family(name: str) -> Callable[[type[FamilyAdapter]], type[FamilyAdapter]]:
+    """Class decorator registering a FamilyAdapter under `name` (a duplicate name raises)."""
+
+    def decorate(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+        if name in _REGISTRY:
+            raise ValueError(f"model family {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_family(name: str) -> FamilyAdapter:
+    """Return a new adapter for the family `name` (an unknown name lists the known ones)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model family {name!r}; known families: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+def known_families() -> list[str]:
+    """Return the registered family names."""
+    return sorted(_REGISTRY)
+
+
+def detect_family(encoder: nn.Module) -> FamilyAdapter:
+    """Return the adapter of the first registered family that handles `encoder`."""
+    for name in sorted(_REGISTRY):
+        adapter = _REGISTRY[name]()
+        if adapter.matches(encoder):
+            return adapter
+    raise KeyError(f"no registered family handles {type(encoder).__name__}; known families: {sorted(_REGISTRY)}")

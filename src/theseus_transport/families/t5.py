@@ -1,0 +1,155 @@
+"""T5 encoders from transformers (T5EncoderModel, or the encoder of any T5 model)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..transport.errors import OfflineError
+from ..transport.rule import ParamRule, Piece
+from .base import Capture, FamilyAdapter, hook_input, hook_output, register_family
+
+NOT_TRANSPORTED = {
+    "shared.weight": "token embedding: indexed by token id, not a linear map between activations",
+    "encoder.embed_tokens.weight": "token embedding (tied to shared.weight)",
+}
+RELATIVE_BIAS_REASON = "relative attention bias: per-head position table, not a linear map between activations"
+
+TINY_T5_CONFIGS: dict[str, dict[str, Any]] = {
+    # offline configs of the real class, for tests and demos; vocab 384 fits ByT5's byte tokenizer
+    "t5-tiny-offline": dict(vocab_size=384, d_model=32, d_ff=64, num_heads=4, d_kv=8, num_layers=2),
+    "t5-tiny-offline-wide": dict(vocab_size=384, d_model=48, d_ff=96, num_heads=6, d_kv=8, num_layers=2),
+}
+
+
+@register_family("t5")
+class T5EncoderAdapter(FamilyAdapter):
+    """Adapter for T5 encoders: q, k, v, o; wi / wi_0 / wi_1 / wo; RMS layer norms."""
+
+    default_token_alignment = "none"
+
+    def encoder(self, model: nn.Module) -> nn.Module:
+        """Return a T5EncoderModel as is, or the encoder stack of a full T5 model."""
+        from transformers import T5EncoderModel
+
+        if isinstance(model, T5EncoderModel):
+            return model
+        return model.get_encoder() if hasattr(model, "get_encoder") else model
+
+    def matches(self, encoder: nn.Module) -> bool:
+        """Whether `encoder` is a transformers T5 encoder."""
+        return type(encoder).__name__ in {"T5EncoderModel", "T5Stack", "MT5EncoderModel", "UMT5EncoderModel"}
+
+    def _stack(self, encoder: nn.Module) -> tuple[nn.Module, str]:
+        if hasattr(encoder, "encoder") and hasattr(encoder.encoder, "block"):
+            return encoder.encoder, "encoder."
+        return encoder, ""
+
+    def blocks(self, encoder: nn.Module) -> nn.ModuleList:
+        """Return the encoder's T5Block list."""
+        return self._stack(encoder)[0].block
+
+    def block_prefix(self, encoder: nn.Module) -> str:
+        """Return the state-dict prefix of the blocks."""
+        return self._stack(encoder)[1] + "block"
+
+    def describe(self, encoder: nn.Module) -> dict[str, Any]:
+        """Return d_model, d_ff, heads and depth."""
+        config = encoder.config
+        return {"width": config.d_model, "d_ff": config.d_ff, "heads": config.num_heads, "depth": len(self.blocks(encoder))}
+
+    def _modules(self, encoder: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, nn.Module]]:
+        stack, prefix = self._stack(encoder)
+        for index, block in enumerate(stack.block):
+            yield f"{prefix}block.{index}", block.layer[0], block.layer[1], block
+
+    def param_rules(self, encoder: nn.Module, map_mode: str) -> dict[str, ParamRule]:
+        """Return the rule of every floating-point key of the encoder."""
+        tied = map_mode == "rank_aware"
+        rules: dict[str, ParamRule] = {}
+        for p, attention_layer, ff_layer, _ in self._modules(encoder):
+            attention = attention_layer.SelfAttention
+            a, f = f"{p}.layer.0", f"{p}.layer.1"
+            rules[f"{a}.layer_norm.weight"] = ParamRule((Piece("vector", f"{a}.layer_norm:out"),))
+            rules[f"{f}.layer_norm.weight"] = ParamRule((Piece("vector", f"{f}.layer_norm:out"),))
+            for name in "qkv":
+                rules[f"{a}.SelfAttention.{name}.weight"] = ParamRule(
+                    (Piece("matrix", f"{a}.SelfAttention.{name}:out", f"{a}.layer_norm:out"),)
+                )
+            rules[f"{a}.SelfAttention.o.weight"] = ParamRule(
+                (Piece("matrix", f"{a}.SelfAttention.o:out", f"{a}.SelfAttention.o:in"),)
+            )
+            if getattr(attention, "relative_attention_bias", None) is not None:
+                rules[f"{a}.SelfAttention.relative_attention_bias.weight"] = ParamRule(skip_reason=RELATIVE_BIAS_REASON)
+            dense = ff_layer.DenseReluDense
+            hidden_in = f"{f}.DenseReluDense.wo:in"
+            for name in ("wi", "wi_0", "wi_1"):
+                if hasattr(dense, name):
+                    out_space = hidden_in if tied else f"{f}.DenseReluDense.{name}:out"
+                    rules[f"{f}.DenseReluDense.{name}.weight"] = ParamRule(
+                        (Piece("matrix", out_space, f"{f}.layer_norm:out"),)
+                    )
+            rules[f"{f}.DenseReluDense.wo.weight"] = ParamRule(
+                (Piece("matrix", f"{f}.DenseReluDense.wo:out", hidden_in),)
+            )
+        stack, prefix = self._stack(encoder)
+        rules[f"{prefix}final_layer_norm.weight"] = ParamRule((Piece("vector", f"{prefix}final_layer_norm:out"),))
+        for key, value in encoder.state_dict().items():
+            if key in rules or not value.is_floating_point():
+                continue
+            rules[key] = ParamRule(skip_reason=NOT_TRANSPORTED.get(key, "no transport rule for this parameter"))
+        return rules
+
+    @contextlib.contextmanager
+    def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:
+        """Hook layer norms and every linear of attention and feed-forward."""
+        capture = Capture(spaces)
+        handles = []
+        try:
+            for p, attention_layer, ff_layer, _ in self._modules(encoder):
+                a, f = f"{p}.layer.0", f"{p}.layer.1"
+                attention, dense = attention_layer.SelfAttention, ff_layer.DenseReluDense
+                handles.append(hook_output(attention_layer.layer_norm, capture, f"{a}.layer_norm:out"))
+                handles.append(hook_output(ff_layer.layer_norm, capture, f"{f}.layer_norm:out"))
+                for name in ("q", "k", "v", "o"):
+                    handles.append(hook_output(getattr(attention, name), capture, f"{a}.SelfAttention.{name}:out"))
+                handles.append(hook_input(attention.o, capture, f"{a}.SelfAttention.o:in"))
+                for name in ("wi", "wi_0", "wi_1", "wo"):
+                    if hasattr(dense, name):
+                        handles.append(hook_output(getattr(dense, name), capture, f"{f}.DenseReluDense.{name}:out"))
+                handles.append(hook_input(dense.wo, capture, f"{f}.DenseReluDense.wo:in"))
+            stack, prefix = self._stack(encoder)
+            handles.append(hook_output(stack.final_layer_norm, capture, f"{prefix}final_layer_norm:out"))
+            yield capture
+        finally:
+            for handle in handles:
+                handle.remove()
+            capture.clear()
+
+    def forward(self, encoder: nn.Module, batch: Any) -> None:
+        """Run the encoder on a tokenised batch (dict with input_ids and attention_mask)."""
+        encoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+    def token_mask(self, batch: Any) -> torch.Tensor | None:
+        """Return the attention mask, so padding tokens stay out of the statistics."""
+        return batch.get("attention_mask") if isinstance(batch, dict) or hasattr(batch, "get") else None
+
+
+def load_t5_encoder(model_id: str, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a T5 encoder by hub id or local path; `t5-tiny-offline[-wide]` build random tiny ones."""
+    from transformers import T5Config, T5EncoderModel
+
+    if model_id in TINY_T5_CONFIGS:
+        return T5EncoderModel(T5Config(**TINY_T5_CONFIGS[model_id])).to(device)
+    try:
+        return T5EncoderModel.from_pretrained(model_id).to(device)
+    except OSError as error:
+        raise OfflineError(
+            f"could not load T5 encoder {model_id!r}: download it first on a machine with network "
+            f"(`huggingface-cli download {model_id}`) and copy the cache (HF_HOME), or pass a local path. "
+            f"Cause: {error}"
+        ) from error

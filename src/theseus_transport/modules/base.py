@@ -1,0 +1,178 @@
+"""Shared Lightning logic of the encoder + head classifiers: optimiser, metrics, freezing, task vectors."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .schedule import warmup_cosine_scheduler
+from .task_vector import snapshot_state, task_vector_from, write_task_vector
+
+
+class EncoderClassifier(L.LightningModule):
+    """Encoder + head classifier whose encoder update can be written out as a task vector.
+
+    Subclasses set ``self.encoder`` (the module whose state_dict keys task vectors use) and call
+    ``_encoder_ready()`` right after loading pretrained weights, then implement ``_logits_and_labels``
+    and ``_build_head``. ``family``, ``encoder_kind``, ``model_name`` and ``pretrained`` describe the
+    encoder for callbacks and sidecars.
+    """
+
+    family: str = ""
+    encoder_kind: str = ""
+
+    def __init__(
+        self,
+        lr: float = 1e-5,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 500,
+        max_steps: int | None = None,
+        label_smoothing: float = 0.0,
+        task_vector_out: str | None = None,
+        task_name: str | None = None,
+        overwrite: bool = False,
+        freeze_encoder: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lr, self.weight_decay = lr, weight_decay
+        self.warmup_steps, self.max_steps = warmup_steps, max_steps
+        self.label_smoothing = label_smoothing
+        self.task_vector_out, self.task_name, self.overwrite = task_vector_out, task_name, overwrite
+        self.freeze_encoder = freeze_encoder
+        self.encoder: nn.Module
+        self.base_state: dict[str, torch.Tensor] = {}
+        self.num_classes: int | None = None
+        self.task_vector_path: Path | None = None
+
+    # ----- construction ------------------------------------------------------------------------------
+    def _encoder_ready(self) -> None:
+        # snapshot now, before any callback (e.g. a transported warm start) edits the encoder: task
+        # vectors are always relative to the pretrained weights named by model_name / pretrained
+        self.base_state = snapshot_state(self.encoder)
+        if self.freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def _build_head(self, num_classes: int) -> None:
+        """Create the head for ``num_classes`` classes (subclasses)."""
+        raise NotImplementedError
+
+    def _set_num_classes(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def _datamodule(self) -> Any | None:
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def train(self, mode: bool = True) -> "EncoderClassifier":
+        """Set train/eval mode, keeping a frozen encoder in eval mode (no dropout, fixed norms)."""
+        super().train(mode)
+        if self.freeze_encoder and hasattr(self, "encoder"):
+            self.encoder.eval()
+        return self
+
+    # ----- steps -----------------------------------------------------------------------------------------
+    def _logits_and_labels(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, labels) of a batch (subclasses)."""
+        raise NotImplementedError
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy step; logs train/loss and train/acc every step."""
+        logits, labels = self._logits_and_labels(batch)
+        loss = self._loss(logits, labels)
+        self.train_acc(logits.detach(), labels)
+        size = labels.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Logs val/loss and val/acc per epoch."""
+        logits, labels = self._logits_and_labels(batch)
+        self.val_acc.update(logits, labels)
+        size = labels.shape[0]
+        self.log("val/loss", self._loss(logits, labels), on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Logs test/loss and test/acc per epoch."""
+        logits, labels = self._logits_and_labels(batch)
+        self.test_acc.update(logits, labels)
+        size = labels.shape[0]
+        self.log("test/loss", self._loss(logits, labels), on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, batch_size=size)
+
+    # ----- optimisation ------------------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        """Steps of the cosine schedule: max_steps, else the trainer's estimate."""
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        estimate = self.trainer.estimated_stepping_batches
+        if not math.isfinite(estimate):
+            raise ValueError("cannot size the cosine schedule: set max_steps on the module or the Trainer")
+        return int(estimate)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW on the trainable parameters, linear warm-up then cosine decay, stepped every step."""
+        params = [param for param in self.parameters() if param.requires_grad]
+        if not params:
+            raise ValueError(
+                "nothing to train: the encoder is frozen and the head has no parameters "
+                "(a frozen zero-shot head); use trainer.validate / trainer.test to evaluate it"
+            )
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = warmup_cosine_scheduler(optimizer, self.warmup_steps, self.total_steps())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- task vectors ------------------------------------------------------------------------------------
+    def task_vector(self) -> dict[str, torch.Tensor]:
+        """Current encoder minus the pretrained encoder snapshot taken at construction."""
+        return task_vector_from(self.encoder, self.base_state)
+
+    def resolved_task_name(self) -> str:
+        """Task name for sidecars: the argument, else the datamodule's, else "unknown"."""
+        if self.task_name:
+            return self.task_name
+        return getattr(self._datamodule(), "task_name", None) or "unknown"
+
+    def task_vector_metadata(self) -> dict[str, Any]:
+        """Sidecar metadata: family, model, pretrained, task, encoder, seed, steps and the recipe."""
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        trainer = self._trainer
+        return {
+            "family": self.family,
+            "model": self.model_name,
+            "pretrained": self.pretrained,
+            "task": self.resolved_task_name(),
+            "encoder": self.encoder_kind,
+            "seed": int(seed) if seed is not None else None,
+            "steps": int(trainer.global_step) if trainer is not None else 0,
+            "base": "pretrained",
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "freeze_encoder": self.freeze_encoder,
+        }
+
+    def on_fit_end(self) -> None:
+        """Write the encoder task vector (rank zero only) when task_vector_out is set."""
+        if self.task_vector_out is None or not self.trainer.is_global_zero:
+            return
+        self.task_vector_path = write_task_vector(
+            self.task_vector_out, self.encoder, self.base_state, self.task_vector_metadata(), overwrite=self.overwrite
+        )
+        rank_zero_info(f"task vector written to {self.task_vector_path}")

@@ -1,0 +1,35 @@
+"""The transport engine: pure torch, no Lightning."""
+
+from .alignment import TOKEN_ALIGNMENTS, align_tokens, interpolate_tokens_2d
+from .engine import (
+    DEFAULT_MAP_MODE,
+    MAP_MODES,
+    TransportReport,
+    TransportResult,
+    apply_task_vector,
+    build_plan,
+    collect_statistics,
+    measure_alignment,
+    task_vector_from_models,
+    transport,
+)
+from .errors import (
+    CalibrationError,
+    CorruptFileError,
+    DepthMismatchError,
+    FamilyMismatchError,
+    HashMismatchError,
+    OfflineError,
+    OutputExistsError,
+    ShapeMismatchError,
+    TaskVectorKeyError,
+    TheseusError,
+)
+from .io import load_task_vector, save_task_vector, tensors_sha256
+from .layermap import LayerMap, expand_module, expand_state_dict
+from .maps import MapOptions, procrustes
+from .methods import METHODS, get_method
+from .plan import TransportPlan
+from .statistics import CrossStatistics, StatisticsSet
+
+__all__ = [name for name in dir() if not name.startswith("_")]

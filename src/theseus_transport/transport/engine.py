@@ -1,0 +1,480 @@
+"""The transport pipeline: calibration passes -> statistics -> maps -> plan -> target task vector.
+
+Pure torch. Model-family specifics come from an adapter (theseus_transport.families).
+Dtype policy: statistics, SVDs and the rule run in float64 (on the models' device when it has
+float64); maps are moved to the CPU at the end and updates are cast to the parameter dtype last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .alignment import align_tokens
+from .errors import CalibrationError, DepthMismatchError, FamilyMismatchError, ShapeMismatchError, TaskVectorKeyError
+from .layermap import LayerMap, expand_module
+from .maps import MapOptions, numerical_rank
+from .methods import get_method
+from .plan import KeyReport, TransportPlan
+from .rule import ParamRule
+from .statistics import CrossStatistics, ReduceFn, StatisticsSet
+
+log = logging.getLogger(__name__)
+
+MAP_MODES = ("rank_aware", "paper")
+DEFAULT_MAP_MODE = "rank_aware"
+
+
+def resolve_family(family: Any, source_model: nn.Module, target_model: nn.Module) -> tuple[Any, nn.Module, nn.Module]:
+    """Return (adapter, source encoder, target encoder) from a family name, an adapter, or None (detect)."""
+    from ..families import detect_family, get_family
+
+    adapter = get_family(family) if isinstance(family, str) else family
+    if adapter is None:
+        adapter = detect_family(getattr(source_model, "visual", source_model))
+    source, target = adapter.encoder(source_model), adapter.encoder(target_model)
+    for role, encoder in (("source", source), ("target", target)):
+        if adapter.name != "generic" and not adapter.matches(encoder):
+            raise FamilyMismatchError(
+                f"the {role} model ({type(encoder).__name__}) is not a {adapter.name!r} model; "
+                "source and target must belong to the same family"
+            )
+    if type(source) is not type(target):
+        raise FamilyMismatchError(
+            f"source ({type(source).__name__}) and target ({type(target).__name__}) are different model classes"
+        )
+    return adapter, source, target
+
+
+def task_vector_from_models(base: nn.Module, finetuned: nn.Module) -> dict[str, torch.Tensor]:
+    """Return fine-tuned minus base for every floating-point key (same architecture required)."""
+    base_state, tuned_state = base.state_dict(), finetuned.state_dict()
+    if base_state.keys() != tuned_state.keys():
+        missing = sorted(set(base_state) ^ set(tuned_state))[:5]
+        raise TaskVectorKeyError(f"base and fine-tuned models have different keys, e.g. {missing}")
+    vector = {}
+    for key, value in base_state.items():
+        if not value.is_floating_point():
+            continue
+        if tuned_state[key].shape != value.shape:
+            raise ShapeMismatchError(f"{key}: fine-tuned shape {tuple(tuned_state[key].shape)} != base {tuple(value.shape)}")
+        vector[key] = (tuned_state[key].detach() - value.detach()).cpu()
+    return vector
+
+
+@torch.no_grad()
+def apply_task_vector(encoder: nn.Module, task_vector: Mapping[str, torch.Tensor], alpha: float = 1.0) -> nn.Module:
+    """Add alpha times a task vector to the encoder's parameters in place and return the encoder."""
+    state = encoder.state_dict()
+    for key, delta in task_vector.items():
+        if key not in state:
+            raise TaskVectorKeyError(f"task-vector key {key!r} is not a parameter of the model")
+        if state[key].shape != delta.shape:
+            raise ShapeMismatchError(f"{key}: update shape {tuple(delta.shape)} != parameter {tuple(state[key].shape)}")
+    for key, delta in task_vector.items():
+        target = state[key]
+        # add in float64 and cast once, so alpha * delta is not rounded twice
+        target.copy_((target.to(torch.float64) + alpha * delta.to(target.device, torch.float64)).to(target.dtype))
+    return encoder
+
+
+def split_pair(item: Any) -> tuple[Any, Any]:
+    """Return (source batch, target batch) from a dict with 'source'/'target' or a 2-tuple."""
+    if isinstance(item, Mapping) and "source" in item and "target" in item:
+        return item["source"], item["target"]
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    raise CalibrationError(
+        "a calibration item must be a dict with 'source' and 'target' (the same examples preprocessed for "
+        f"each model) or a (source, target) pair; got {type(item).__name__}"
+    )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _frozen_eval(*modules: nn.Module):
+    # calibration uses the base models as they are at inference: eval mode, no autograd
+    modes = [module.training for module in modules]
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        first = next(value for value in batch.values() if isinstance(value, torch.Tensor))
+        return first.shape[0]
+    return 0
+
+
+def _paired_rows(adapter: Any, space: str, source_capture: Any, target_capture: Any, target_batch: Any, token_alignment: str) -> tuple[torch.Tensor, torch.Tensor]:
+    missing = [role for role, cap in (("source", source_capture), ("target", target_capture)) if space not in cap.activations]
+    if missing:
+        raise CalibrationError(f"capture point {space!r} produced no activation in the {' and '.join(missing)} model (missing layer?)")
+    mask = adapter.token_mask(target_batch)
+    return align_tokens(source_capture.activations[space], target_capture.activations[space], token_alignment, mask)
+
+
+def plan_groups(space_bytes: Mapping[str, int], budget_bytes: int | None) -> list[list[str]]:
+    """Pack capture points, in order, into groups whose statistics fit `budget_bytes` each."""
+    names = list(space_bytes)
+    if budget_bytes is None:
+        return [names]
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        size = space_bytes[name]
+        if groups[-1] and used + size > budget_bytes:
+            groups.append([])
+            used = 0
+        if size > budget_bytes:
+            log.warning("capture point %s needs %.1f MB, over the %.1f MB budget: it gets a pass of its own", name, size / 2**20, budget_bytes / 2**20)
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def _probe_dims(adapter: Any, source: nn.Module, target: nn.Module, spaces: set[str], first_item: Any) -> dict[str, tuple[int, int]]:
+    source_batch, target_batch = split_pair(first_item)
+    dims = {}
+    with adapter.capture(source, spaces) as source_capture, adapter.capture(target, spaces) as target_capture:
+        adapter.forward(source, adapter.batch_to(source_batch, _device_of(source)))
+        adapter.forward(target, adapter.batch_to(target_batch, _device_of(target)))
+        for space in spaces:
+            if space in source_capture.activations and space in target_capture.activations:
+                dims[space] = (source_capture.activations[space].shape[-1], target_capture.activations[space].shape[-1])
+    return dims
+
+
+def collect_statistics(
+    adapter: Any,
+    source: nn.Module,
+    target: nn.Module,
+    calibration: Iterable[Any],
+    spaces: Iterable[str],
+    token_alignment: str,
+    with_grams: bool = False,
+    memory_budget_bytes: int | None = None,
+    reduce_fn: ReduceFn | None = None,
+    progress: bool = True,
+) -> StatisticsSet:
+    """Stream paired calibration batches through both base models and accumulate cross-statistics.
+
+    With `memory_budget_bytes`, capture points are split into groups that each fit the budget and
+    the calibration data is passed once per group (it must then be re-iterable, e.g. a DataLoader).
+    `reduce_fn` sums the statistics across processes (DDP) before anything is derived from them.
+    """
+    spaces = sorted(set(spaces))
+    statistics = StatisticsSet()
+    with _frozen_eval(source, target):
+        if memory_budget_bytes is None:
+            groups = [spaces]
+        else:
+            first = next(iter(calibration), None)
+            if first is None:
+                raise CalibrationError("the calibration set is empty: at least one batch is needed")
+            dims = _probe_dims(adapter, source, target, set(spaces), first)
+            sizes = {s: CrossStatistics(*dims.get(s, (0, 0)), with_grams=with_grams).nbytes() for s in spaces}
+            groups = plan_groups(sizes, memory_budget_bytes)
+        for group_index, group in enumerate(groups):
+            wanted = set(group)
+            batches = 0
+            with adapter.capture(source, wanted) as source_capture, adapter.capture(target, wanted) as target_capture:
+                description = "calibration" if len(groups) == 1 else f"calibration (group {group_index + 1}/{len(groups)})"
+                for item in tqdm(calibration, desc=description, disable=not progress, leave=False):
+                    source_batch, target_batch = split_pair(item)
+                    if _batch_size(source_batch) != _batch_size(target_batch):
+                        raise CalibrationError(
+                            f"calibration batch {batches}: source has {_batch_size(source_batch)} examples, "
+                            f"target {_batch_size(target_batch)}; pairs must hold the same examples"
+                        )
+                    adapter.forward(source, adapter.batch_to(source_batch, _device_of(source)))
+                    adapter.forward(target, adapter.batch_to(target_batch, _device_of(target)))
+                    for space in group:
+                        source_rows, target_rows = _paired_rows(adapter, space, source_capture, target_capture, target_batch, token_alignment)
+                        if space not in statistics.points:
+                            statistics.points[space] = CrossStatistics(source_rows.shape[1], target_rows.shape[1], with_grams)
+                        try:
+                            statistics.points[space].update(source_rows, target_rows)
+                        except CalibrationError as error:
+                            raise CalibrationError(f"calibration batch {batches}, capture point {space!r}: {error}") from None
+                    source_capture.clear()
+                    target_capture.clear()
+                    batches += 1
+            if batches == 0:
+                raise CalibrationError("the calibration set is empty: at least one batch is needed")
+    if reduce_fn is not None:
+        statistics.reduce(reduce_fn)
+    return statistics
+
+
+def build_maps(statistics: StatisticsSet, method_name: str, options: MapOptions, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
+    """Return a map per capture point (float64, moved to the CPU) and each point's numerical rank."""
+    method = get_method(method_name)
+    maps, ranks = {}, {}
+    for space in tqdm(sorted(statistics), desc="maps", disable=not progress, leave=False):
+        stats = statistics[space]
+        maps[space] = method.build_map(stats, options).cpu()
+        singular_values = torch.linalg.svdvals(stats.cross_covariance(options.center))
+        ranks[space] = {
+            "rank": numerical_rank(singular_values, options.rank_rtol),
+            "full_rank": min(stats.source_dim, stats.target_dim),
+            "tokens": stats.count,
+        }
+    return maps, ranks
+
+
+@dataclass
+class TransportReport:
+    """What a transport did: per-key norms, skipped keys, ranks, alignment before/after, settings."""
+
+    method: str
+    map_mode: str
+    alpha: float
+    settings: dict[str, Any]
+    keys: list[KeyReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    ranks: dict[str, dict[str, int]] = field(default_factory=dict)
+    alignment: dict[str, dict[str, float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-friendly dict."""
+        payload = asdict(self)
+        payload["keys"] = [dict(key=k.key, source_norm=k.source_norm, target_norm=k.target_norm, norm_ratio=k.norm_ratio) for k in self.keys]
+        return payload
+
+    def summary(self) -> str:
+        """Return a human-readable per-layer table."""
+        lines = [f"method={self.method} map_mode={self.map_mode} alpha={self.alpha}"]
+        lines.append(f"{'key':60s} {'|dW_A|':>10s} {'|dW_B|':>10s} {'ratio':>7s}")
+        for k in self.keys:
+            lines.append(f"{k.key:60s} {k.source_norm:10.4g} {k.target_norm:10.4g} {k.norm_ratio:7.4f}")
+        if self.skipped:
+            lines.append(f"skipped ({len(self.skipped)} keys, target delta = 0):")
+            lines.extend(f"  {key}: {reason}" for key, reason in sorted(self.skipped.items()))
+        deficient = {s: r for s, r in self.ranks.items() if r["rank"] < r["full_rank"]}
+        if deficient:
+            lines.append("rank-deficient cross-covariances (part of the map undetermined):")
+            lines.extend(f"  {s}: rank {r['rank']} of {r['full_rank']} ({r['tokens']} tokens)" for s, r in sorted(deficient.items()))
+        if self.alignment:
+            before = sum(a["before"] for a in self.alignment.values()) / len(self.alignment)
+            after = sum(a["after"] for a in self.alignment.values()) / len(self.alignment)
+            lines.append(f"activation cosine on held-out batches, mean over {len(self.alignment)} layers: before {before:.4f} after {after:.4f}")
+            for space, values in sorted(self.alignment.items()):
+                lines.append(f"  {space:58s} {values['before']:.4f} -> {values['after']:.4f}")
+        return "\n".join(lines)
+
+
+@dataclass
+class TransportResult:
+    """The target task vector, the report and the reusable plan."""
+
+    task_vector: dict[str, torch.Tensor]
+    report: TransportReport
+    plan: TransportPlan
+
+
+def _pad_or_crop(rows: torch.Tensor, width: int) -> torch.Tensor:
+    if rows.shape[1] >= width:
+        return rows[:, :width]
+    return F.pad(rows, (0, width - rows.shape[1]))
+
+
+@torch.no_grad()
+def measure_alignment(
+    adapter: Any,
+    source: nn.Module,
+    target: nn.Module,
+    maps: Mapping[str, torch.Tensor],
+    held_out: Iterable[Any],
+    token_alignment: str,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Mean cosine similarity of paired tokens, before (zero-pad/crop) and after the maps (paper Sec. 4.7)."""
+    totals = {space: [0.0, 0.0, 0] for space in maps}
+    with _frozen_eval(source, target):
+        with adapter.capture(source, set(maps)) as source_capture, adapter.capture(target, set(maps)) as target_capture:
+            for item in tqdm(held_out, desc="alignment", disable=not progress, leave=False):
+                source_batch, target_batch = split_pair(item)
+                adapter.forward(source, adapter.batch_to(source_batch, _device_of(source)))
+                adapter.forward(target, adapter.batch_to(target_batch, _device_of(target)))
+                for space, feature_map in maps.items():
+                    a, b = _paired_rows(adapter, space, source_capture, target_capture, target_batch, token_alignment)
+                    a, b = a.to(torch.float64), b.to(torch.float64)
+                    before = F.cosine_similarity(_pad_or_crop(a, b.shape[1]), b, dim=1)
+                    after = F.cosine_similarity(a @ feature_map.to(a.device), b, dim=1)
+                    totals[space][0] += float(before.sum())
+                    totals[space][1] += float(after.sum())
+                    totals[space][2] += a.shape[0]
+                source_capture.clear()
+                target_capture.clear()
+    return {space: {"before": t[0] / t[2], "after": t[1] / t[2]} for space, t in totals.items() if t[2] > 0}
+
+
+def _resolve_depth(adapter: Any, source: nn.Module, target: nn.Module, layer_map: LayerMap | str | None) -> LayerMap | None:
+    source_depth, target_depth = len(adapter.blocks(source)), len(adapter.blocks(target))
+    if isinstance(layer_map, str):
+        if layer_map != "interpolate":
+            raise ValueError(f"unknown layer map {layer_map!r}; use 'interpolate' or a LayerMap")
+        layer_map = LayerMap.interpolated(source_depth, target_depth)
+    if layer_map is None:
+        if source_depth != target_depth:
+            raise DepthMismatchError(
+                f"source has {source_depth} blocks and target {target_depth}; pass layer_map='interpolate' "
+                "(paper Sec. 4.4) or a LayerMap pairing source and target blocks"
+            )
+        return None
+    if layer_map.target_depth != target_depth:
+        raise DepthMismatchError(f"layer map has {layer_map.target_depth} target blocks, the target has {target_depth}")
+    bad = [i for combination in layer_map.sources for i, _ in combination if i >= source_depth]
+    if bad:
+        raise DepthMismatchError(f"layer map refers to source blocks {sorted(set(bad))}, the source has {source_depth}")
+    return layer_map
+
+
+def build_plan(
+    source_base: nn.Module,
+    target_base: nn.Module,
+    calibration: Iterable[Any],
+    family: Any = None,
+    method: str = "theseus",
+    map_mode: str = DEFAULT_MAP_MODE,
+    center: bool = False,
+    token_alignment: str | None = None,
+    layer_map: LayerMap | str | None = None,
+    rank_rtol: float = 1e-7,
+    ridge: float = 1e-2,
+    seed: int = 0,
+    memory_budget_bytes: int | None = None,
+    reduce_fn: ReduceFn | None = None,
+    progress: bool = True,
+) -> tuple[TransportPlan, dict[str, Any]]:
+    """Compute the maps between two base models from calibration data; return the plan and context."""
+    if map_mode not in MAP_MODES:
+        raise ValueError(f"unknown map mode {map_mode!r}; choose one of {MAP_MODES}")
+    method_spec = get_method(method)
+    started = time.perf_counter()
+    adapter, source, target = resolve_family(family, source_base, target_base)
+    resolved_map = _resolve_depth(adapter, source, target, layer_map)
+    original_source_shapes = None
+    if resolved_map is not None:
+        original_source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items() if v.is_floating_point()}
+        source = expand_module(source, adapter.blocks(source), adapter.block_prefix(source), resolved_map)
+    token_alignment = token_alignment or adapter.default_token_alignment
+    source_rules = adapter.param_rules(source, map_mode)
+    target_rules = adapter.param_rules(target, map_mode)
+    source_state = {k: v for k, v in source.state_dict().items() if v.is_floating_point()}
+    target_state = {k: v for k, v in target.state_dict().items() if v.is_floating_point()}
+    rules: dict[str, ParamRule] = {}
+    for key, rule in source_rules.items():
+        if not rule.skipped and (key not in target_rules or target_rules[key].skipped):
+            rule = ParamRule(skip_reason="the target model has no transportable parameter of this name")
+        rules[key] = rule
+    spaces = set().union(*(rule.spaces() for rule in rules.values() if not rule.skipped))
+    statistics = collect_statistics(
+        adapter, source, target, calibration, spaces, token_alignment,
+        with_grams=method_spec.needs_grams, memory_budget_bytes=memory_budget_bytes,
+        reduce_fn=reduce_fn, progress=progress,
+    )
+    collected = time.perf_counter()
+    options = MapOptions(center=center, rank_aware=map_mode == "rank_aware", rank_rtol=rank_rtol, ridge=ridge, seed=seed)
+    maps, ranks = build_maps(statistics, method, options, progress=progress)
+    solved = time.perf_counter()
+    plan = TransportPlan(
+        family=adapter.name,
+        method=method,
+        maps=maps,
+        rules=rules,
+        source_shapes={k: tuple(v.shape) for k, v in source_state.items()},
+        target_shapes={k: tuple(v.shape) for k, v in target_state.items()},
+        metadata={
+            "map_mode": map_mode, "center": center, "token_alignment": token_alignment, "rank_rtol": rank_rtol,
+            "ridge": ridge, "seed": seed, "calibration_tokens": {s: statistics[s].count for s in statistics},
+            "source": adapter.describe(source), "target": adapter.describe(target),
+        },
+        layer_map=resolved_map,
+        block_prefix=adapter.block_prefix(source) if resolved_map is not None else None,
+        original_source_shapes=original_source_shapes,
+    )
+    context = {
+        "adapter": adapter, "source": source, "target": target, "ranks": ranks,
+        "timings": {"statistics_s": collected - started, "maps_s": solved - collected},
+    }
+    return plan, context
+
+
+def transport(
+    source_base: nn.Module,
+    target_base: nn.Module,
+    task_vector: Mapping[str, torch.Tensor] | None = None,
+    calibration: Iterable[Any] = (),
+    *,
+    source_finetuned: nn.Module | None = None,
+    family: Any = None,
+    method: str = "theseus",
+    map_mode: str = DEFAULT_MAP_MODE,
+    alpha: float = 1.0,
+    center: bool = False,
+    token_alignment: str | None = None,
+    layer_map: LayerMap | str | None = None,
+    held_out: Iterable[Any] | None = None,
+    rank_rtol: float = 1e-7,
+    ridge: float = 1e-2,
+    seed: int = 0,
+    memory_budget_bytes: int | None = None,
+    reduce_fn: ReduceFn | None = None,
+    progress: bool = True,
+) -> TransportResult:
+    """Transport a source task vector (or fine-tuned source) onto the target; return vector, report, plan.
+
+    `calibration` yields paired batches (the same examples preprocessed for each model) as dicts with
+    'source' and 'target' or as (source, target) tuples; `held_out` (same form, disjoint examples)
+    is used only to report activation cosine similarity before and after the maps. The returned
+    task vector is already scaled by `alpha` and keyed like the target encoder's state dict.
+    """
+    if (task_vector is None) == (source_finetuned is None):
+        raise ValueError("pass exactly one of task_vector and source_finetuned")
+    plan, context = build_plan(
+        source_base, target_base, calibration, family=family, method=method, map_mode=map_mode, center=center,
+        token_alignment=token_alignment, layer_map=layer_map, rank_rtol=rank_rtol, ridge=ridge, seed=seed,
+        memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress,
+    )
+    adapter = context["adapter"]
+    if task_vector is None:
+        task_vector = task_vector_from_models(adapter.encoder(source_base), adapter.encoder(source_finetuned))
+    started = time.perf_counter()
+    transported, norms, skipped = plan.apply(task_vector, seed=seed)
+    scaled = {key: (value.to(torch.float64) * alpha).to(value.dtype) for key, value in transported.items()} if alpha != 1.0 else transported
+    timings = dict(context["timings"], apply_s=time.perf_counter() - started)
+    alignment = {}
+    if held_out is not None:
+        alignment = measure_alignment(adapter, context["source"], context["target"], plan.maps, held_out, plan.metadata["token_alignment"])
+    report = TransportReport(
+        method=method, map_mode=map_mode, alpha=alpha, settings=dict(plan.metadata),
+        keys=norms, skipped=skipped, ranks=context["ranks"], alignment=alignment, timings=timings,
+    )
+    if any(math.isnan(k.norm_ratio) for k in norms if k.source_norm > 0):
+        raise CalibrationError("a transported update is NaN; the calibration statistics are degenerate")
+    return TransportResult(scaled, report, plan)

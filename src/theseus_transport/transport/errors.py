@@ -1,0 +1,43 @@
+"""Named errors raised by the transport engine, so callers can tell causes apart."""
+
+from __future__ import annotations
+
+
+class TheseusError(Exception):
+    """Base class of every error the engine raises on bad input."""
+
+
+class FamilyMismatchError(TheseusError):
+    """Source and target models (or a task vector) belong to different families."""
+
+
+class TaskVectorKeyError(TheseusError):
+    """A task-vector key is not a parameter of the source model."""
+
+
+class ShapeMismatchError(TheseusError):
+    """A tensor's shape does not match the model it is meant for."""
+
+
+class DepthMismatchError(TheseusError):
+    """Source and target have different depths and no layer map was given."""
+
+
+class CalibrationError(TheseusError):
+    """Calibration data is empty, unpaired, or produced non-finite activations."""
+
+
+class CorruptFileError(TheseusError):
+    """A safetensors file or its sidecar cannot be read or is truncated."""
+
+
+class HashMismatchError(TheseusError):
+    """A task vector's tensors do not match the sha256 recorded in its sidecar."""
+
+
+class OutputExistsError(TheseusError, FileExistsError):
+    """An output path exists and overwriting was not asked for."""
+
+
+class OfflineError(TheseusError):
+    """A model or dataset needs a download that cannot happen (offline or unreachable)."""

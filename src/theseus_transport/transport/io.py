@@ -1,0 +1,133 @@
+"""Task vectors and other tensor sets on disk: safetensors plus a JSON sidecar with a sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CorruptFileError, HashMismatchError, OutputExistsError
+
+SIDECAR_FORMAT = "theseus-task-vector/1"
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Return the JSON sidecar path that belongs to a safetensors file."""
+    return Path(path).with_suffix(".json")
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Return a sha256 over keys, dtypes, shapes and bytes, independent of insertion order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        # view as bytes so that bfloat16 and friends hash without a numpy round trip
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_writable(*paths: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise OutputExistsError if any path exists and overwriting was not asked for."""
+    for path in paths:
+        if Path(path).exists() and not overwrite:
+            raise OutputExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    # write beside the target and rename, so an error never leaves a partial file behind
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any], overwrite: bool = False) -> Path:
+    """Write a JSON file atomically, refusing to replace an existing one unless told."""
+    path = Path(path)
+    check_writable(path, overwrite=overwrite)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+            handle.write("\n")
+
+    _atomic_write_bytes(path, write)
+    return path
+
+
+def save_task_vector(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a task vector as safetensors with a JSON sidecar (family, model, task, dtype, count, sha256)."""
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    check_writable(path, sidecar, overwrite=overwrite)
+    clean = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    dtypes = sorted({str(value.dtype).replace("torch.", "") for value in clean.values()})
+    info: dict[str, Any] = dict(metadata or {})
+    info.update(
+        format=SIDECAR_FORMAT,
+        file=path.name,
+        sha256=tensors_sha256(clean),
+        dtype=dtypes[0] if len(dtypes) == 1 else dtypes,
+        num_tensors=len(clean),
+        num_parameters=int(sum(value.numel() for value in clean.values())),
+    )
+    _atomic_write_bytes(path, lambda tmp: save_file(clean, tmp, metadata={"sha256": info["sha256"]}))
+    try:
+        write_json(sidecar, info, overwrite=overwrite)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning a corrupt or truncated file into CorruptFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CorruptFileError(f"{path} is not a readable safetensors file (corrupt or truncated): {error}") from error
+
+
+def load_task_vector(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a task vector and its sidecar, checking the sidecar's sha256 against the tensors."""
+    path = Path(path)
+    tensors = load_tensors(path)
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        raise CorruptFileError(f"{path} has no sidecar {sidecar}; task vectors are saved with save_task_vector")
+    try:
+        info = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as error:
+        raise CorruptFileError(f"sidecar {sidecar} is not valid JSON: {error}") from error
+    if verify:
+        actual = tensors_sha256(tensors)
+        if info.get("sha256") != actual:
+            raise HashMismatchError(
+                f"{path}: tensors hash to {actual} but sidecar {sidecar.name} records {info.get('sha256')}"
+            )
+    return tensors, info

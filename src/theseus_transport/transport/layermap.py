@@ -1,0 +1,109 @@
+"""Depth mismatch: target blocks as convex combinations of source blocks (paper Sec. 4.4)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """For each target block, the source blocks it is made of and their weights (summing to 1)."""
+
+    sources: tuple[tuple[tuple[int, float], ...], ...]
+
+    def __post_init__(self) -> None:
+        for index, combination in enumerate(self.sources):
+            total = sum(weight for _, weight in combination)
+            if not combination or abs(total - 1.0) > 1e-9:
+                raise ValueError(f"target block {index}: weights must be non-empty and sum to 1, got {combination}")
+
+    @property
+    def target_depth(self) -> int:
+        """Number of blocks after expansion."""
+        return len(self.sources)
+
+    @classmethod
+    def identity(cls, depth: int) -> "LayerMap":
+        """Pair block i with block i."""
+        return cls(tuple(((i, 1.0),) for i in range(depth)))
+
+    @classmethod
+    def interpolated(cls, source_depth: int, target_depth: int) -> "LayerMap":
+        """Place target block j at source position j * n_s / n_t and blend its two neighbours.
+
+        For target_depth = 2 * source_depth this is the paper's rule: after each block i a block
+        averaging i and i + 1, the last inserted block a copy of the last block.
+        """
+        if source_depth < 1 or target_depth < 1:
+            raise ValueError("depths must be positive")
+        sources = []
+        for j in range(target_depth):
+            position = j * source_depth / target_depth
+            low = min(math.floor(position), source_depth - 1)
+            high = min(low + 1, source_depth - 1)
+            fraction = position - math.floor(position)
+            if high == low or fraction == 0.0:
+                sources.append(((low, 1.0),))
+            else:
+                sources.append(((low, 1.0 - fraction), (high, fraction)))
+        return cls(tuple(sources))
+
+    def to_json(self) -> list[list[list[float]]]:
+        """Return a JSON-friendly form."""
+        return [[[index, weight] for index, weight in combination] for combination in self.sources]
+
+    @classmethod
+    def from_json(cls, payload: list) -> "LayerMap":
+        """Rebuild a LayerMap from `to_json` output."""
+        return cls(tuple(tuple((int(index), float(weight)) for index, weight in combination) for combination in payload))
+
+
+def _block_pattern(prefix: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
+
+
+def expand_state_dict(
+    state: Mapping[str, torch.Tensor], block_prefix: str, layer_map: LayerMap
+) -> dict[str, torch.Tensor]:
+    """Return a state dict (or task vector) whose blocks follow `layer_map`; other keys unchanged."""
+    pattern = _block_pattern(block_prefix)
+    per_block: dict[int, dict[str, torch.Tensor]] = {}
+    expanded: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = pattern.match(key)
+        if match:
+            per_block.setdefault(int(match.group(1)), {})[match.group(2)] = value
+        else:
+            expanded[key] = value
+    for target_index, combination in enumerate(layer_map.sources):
+        names = set().union(*(per_block.get(source, {}).keys() for source, _ in combination))
+        for name in sorted(names):
+            parts = [(per_block[source][name], weight) for source, weight in combination if name in per_block.get(source, {})]
+            if not parts[0][0].is_floating_point():
+                expanded[f"{block_prefix}.{target_index}.{name}"] = parts[0][0].clone()
+                continue
+            # blend in float64 so an exact copy (weight 1) stays bitwise equal after the cast back
+            # (a parameter missing from some source blocks is blended over the blocks that have it)
+            weight_sum = sum(weight for _, weight in parts)
+            total = sum(tensor.to(torch.float64) * (weight / weight_sum) for tensor, weight in parts)
+            expanded[f"{block_prefix}.{target_index}.{name}"] = total.to(parts[0][0].dtype)
+    return expanded
+
+
+def expand_module(encoder: nn.Module, blocks: nn.ModuleList, block_prefix: str, layer_map: LayerMap) -> nn.Module:
+    """Return a deep copy of `encoder` with its blocks replaced as `layer_map` says."""
+    expanded = copy.deepcopy(encoder)
+    new_blocks = nn.ModuleList(copy.deepcopy(blocks[combination[0][0]]) for combination in layer_map.sources)
+    owner_path, _, attr = block_prefix.rpartition(".")
+    owner = expanded.get_submodule(owner_path) if owner_path else expanded
+    setattr(owner, attr, new_blocks)
+    state = expand_state_dict(encoder.state_dict(), block_prefix, layer_map)
+    expanded.load_state_dict(state)
+    return expanded

@@ -1,0 +1,155 @@
+"""Streaming float64 cross-statistics between paired source and target activations.
+
+Dtype policy: every statistic is accumulated in float64 on the activations' device (CPU when the
+device has no float64, e.g. MPS), whatever the models' dtype; nothing of a batch is kept after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import CalibrationError
+
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def accumulation_device(device: torch.device) -> torch.device:
+    """Return the device on which float64 statistics for activations on `device` are kept."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+@dataclass
+class CrossStatistics:
+    """Token count, column sums and cross products of one paired capture point (source A, target B)."""
+
+    source_dim: int
+    target_dim: int
+    with_grams: bool = False
+    count: int = 0
+    source_sum: torch.Tensor | None = None
+    target_sum: torch.Tensor | None = None
+    cross: torch.Tensor | None = None  # X_A^T X_B, uncentered
+    source_gram: torch.Tensor | None = None  # X_A^T X_A, only for least-squares baselines
+    target_gram: torch.Tensor | None = None  # X_B^T X_B
+
+    def _allocate(self, device: torch.device) -> None:
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.source_sum = zeros(self.source_dim)
+        self.target_sum = zeros(self.target_dim)
+        self.cross = zeros(self.source_dim, self.target_dim)
+        if self.with_grams:
+            self.source_gram = zeros(self.source_dim, self.source_dim)
+            self.target_gram = zeros(self.target_dim, self.target_dim)
+
+    def update(self, source_rows: torch.Tensor, target_rows: torch.Tensor) -> None:
+        """Add one batch of paired rows (N x d_A and N x d_B) to the statistics."""
+        if source_rows.ndim != 2 or target_rows.ndim != 2 or source_rows.shape[0] != target_rows.shape[0]:
+            raise CalibrationError(
+                f"paired activations must be N x d matrices with equal N, got {tuple(source_rows.shape)} "
+                f"and {tuple(target_rows.shape)}"
+            )
+        if source_rows.shape[1] != self.source_dim or target_rows.shape[1] != self.target_dim:
+            raise CalibrationError(
+                f"activation widths {source_rows.shape[1]}, {target_rows.shape[1]} do not match "
+                f"the capture point's {self.source_dim}, {self.target_dim}"
+            )
+        device = accumulation_device(source_rows.device)
+        if self.cross is None:
+            self._allocate(device)
+        source64 = source_rows.detach().to(device=self.cross.device, dtype=torch.float64)
+        target64 = target_rows.detach().to(device=self.cross.device, dtype=torch.float64)
+        if not (torch.isfinite(source64).all() and torch.isfinite(target64).all()):
+            raise CalibrationError("calibration activations contain NaN or Inf")
+        self.count += source64.shape[0]
+        self.source_sum += source64.sum(0)
+        self.target_sum += target64.sum(0)
+        self.cross.addmm_(source64.T, target64)
+        if self.with_grams:
+            self.source_gram.addmm_(source64.T, source64)
+            self.target_gram.addmm_(target64.T, target64)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Return the accumulated tensors by name (for reduction across processes or saving)."""
+        self._require()
+        out = {"count": torch.tensor([float(self.count)], dtype=torch.float64, device=self.cross.device)}
+        for name in ("source_sum", "target_sum", "cross", "source_gram", "target_gram"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def reduce(self, reduce_fn: ReduceFn) -> None:
+        """Sum the statistics across processes with `reduce_fn` (e.g. a DDP all-reduce of a sum)."""
+        for name, value in self.tensors().items():
+            reduced = reduce_fn(value)
+            if name == "count":
+                self.count = int(round(float(reduced.reshape(-1)[0])))
+            else:
+                setattr(self, name, reduced)
+
+    def _require(self) -> None:
+        if self.cross is None or self.count == 0:
+            raise CalibrationError("no calibration tokens reached this capture point (empty calibration set?)")
+
+    def cross_covariance(self, center: bool = False) -> torch.Tensor:
+        """Return X_A^T X_B, or the centered C = X_A^T X_B - n mu_A mu_B^T when `center`."""
+        self._require()
+        if not center:
+            return self.cross
+        return self.cross - torch.outer(self.source_sum, self.target_sum) / self.count
+
+    def gram(self, side: str, center: bool = False) -> torch.Tensor:
+        """Return the (optionally centered) Gram matrix of the source ('source') or target side."""
+        self._require()
+        gram = self.source_gram if side == "source" else self.target_gram
+        if gram is None:
+            raise CalibrationError("Gram matrices were not collected; the chosen method needs with_grams=True")
+        if not center:
+            return gram
+        total = self.source_sum if side == "source" else self.target_sum
+        return gram - torch.outer(total, total) / self.count
+
+    def to(self, device: torch.device | str) -> "CrossStatistics":
+        """Move the accumulated tensors to `device` in place and return self."""
+        for name in ("source_sum", "target_sum", "cross", "source_gram", "target_gram"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+    def nbytes(self) -> int:
+        """Return the memory the statistics take (or will take) in bytes."""
+        numbers = self.source_dim + self.target_dim + self.source_dim * self.target_dim
+        if self.with_grams:
+            numbers += self.source_dim**2 + self.target_dim**2
+        return 8 * numbers
+
+
+@dataclass
+class StatisticsSet(Mapping[str, CrossStatistics]):
+    """Cross-statistics of every capture point, keyed by the point's name."""
+
+    points: dict[str, CrossStatistics] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> CrossStatistics:
+        return self.points[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.points)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def reduce(self, reduce_fn: ReduceFn) -> None:
+        """Sum every capture point's statistics across processes, in a fixed (sorted) order."""
+        for name in sorted(self.points):
+            self.points[name].reduce(reduce_fn)
+
+    def to(self, device: torch.device | str) -> "StatisticsSet":
+        """Move every capture point's statistics to `device` and return self."""
+        for stats in self.points.values():
+            stats.to(device)
+        return self
