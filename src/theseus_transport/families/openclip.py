@@ -190,9 +190,6 @@ class OpenCLIPVisionAdapter(FamilyAdapter):
         handles = []
         swapped: list[tuple[nn.Module, nn.MultiheadAttention]] = []
 
-        def want(prefix: str) -> bool:
-            return any(space.startswith(prefix) for space in spaces)
-
         try:
             # ln_pre and ln_post act on batch-first tensors outside the transformer
             handles.append(_hook_batch_first_output(encoder.ln_pre, capture, "ln_pre:out"))
@@ -207,9 +204,10 @@ class OpenCLIPVisionAdapter(FamilyAdapter):
                 handles.append(hook_output(block.mlp.c_proj, capture, f"{p}.mlp.c_proj:out"))
                 handles.append(hook_output(block.ls_1, capture, f"{p}.ls_1:out"))
                 handles.append(hook_output(block.ls_2, capture, f"{p}.ls_2:out"))
-                if want(f"{p}.attn:"):
-                    swapped.append((block, block.attn))
-                    block.attn = CapturingAttention(block.attn, capture, f"{p}.attn")
+                # always swapped, wanted or not: every calibration pass then computes bitwise the
+                # same activations, whichever capture points it keeps (memory-budget groups)
+                swapped.append((block, block.attn))
+                block.attn = CapturingAttention(block.attn, capture, f"{p}.attn")
             yield capture
         finally:
             for handle in handles:

@@ -85,8 +85,8 @@ def save_task_vector(
     clean = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     dtypes = sorted({str(value.dtype).replace("torch.", "") for value in clean.values()})
     info: dict[str, Any] = dict(metadata or {})
+    info.setdefault("format", SIDECAR_FORMAT)
     info.update(
-        format=SIDECAR_FORMAT,
         file=path.name,
         sha256=tensors_sha256(clean),
         dtype=dtypes[0] if len(dtypes) == 1 else dtypes,

@@ -1,0 +1,143 @@
+"""Exact recovery on twins, norm preservation, and the paper-mode null space (issue 2, Must show)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from theseus_transport import apply_task_vector, transport
+from theseus_transport.families import GenericLinearAdapter
+from theseus_transport.families.openclip import CapturingAttention
+from theseus_transport.families.base import Capture
+
+from twins import permuted_twin, random_task_vector, tiny_vit
+
+NOT_TRANSPORTED = ("conv1", "class_embedding", "positional_embedding")
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output - reference).norm() / reference.norm())
+
+
+@pytest.fixture(scope="module")
+def twin_setup():
+    torch.manual_seed(0)
+    source = tiny_vit()
+    twin, info = permuted_twin(source)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    calibration = [{"source": images, "target": images} for images in torch.randn(2, 16, 3, 16, 16)]
+    held_out_images = torch.randn(8, 3, 16, 16)
+    finetuned = apply_task_vector(copy.deepcopy(source), task_vector)
+    with torch.no_grad():
+        reference = finetuned(held_out_images)[:, info["embedding"]]
+    return source, twin, task_vector, calibration, held_out_images, reference
+
+
+def test_twin_is_exact(twin_setup):
+    source, twin, _, _, images, _ = twin_setup
+    permutation = permuted_twin(source)[1]["embedding"]
+    with torch.no_grad():
+        assert relative_error(twin(images), source(images)[:, permutation]) < 1e-6
+
+
+def test_capturing_attention_matches_multihead_attention():
+    attention = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    tokens = torch.randn(3, 7, 32)
+    capture = Capture({"a:q", "a:ctx", "a:out"})
+    with torch.no_grad():
+        expected = attention(tokens, tokens, tokens, need_weights=False)[0]
+        produced = CapturingAttention(attention, capture, "a")(tokens, tokens, tokens)[0]
+        assert torch.allclose(produced, expected, atol=1e-6)
+        assert torch.allclose(attention.out_proj(capture.activations["a:ctx"]), expected, atol=1e-6)
+    assert set(capture.activations) == {"a:q", "a:ctx", "a:out"}
+
+
+def test_rank_aware_recovers_permuted_twin_exactly(twin_setup):
+    source, twin, task_vector, calibration, images, reference = twin_setup
+    result = transport(source, twin, task_vector, calibration, map_mode="rank_aware", progress=False)
+    transported = apply_task_vector(copy.deepcopy(twin), result.task_vector)
+    with torch.no_grad():
+        assert relative_error(transported(images), reference) <= 1e-5
+    assert set(result.report.skipped) == set()  # the task vector touched only transported keys
+
+
+def test_paper_mode_exact_only_where_cross_covariance_has_full_rank(twin_setup):
+    source, twin, task_vector, calibration, images, reference = twin_setup
+    result = transport(source, twin, task_vector, calibration, map_mode="paper", progress=False)
+    ranks = result.report.ranks
+    deficient = {space for space, info in ranks.items() if info["rank"] < info["full_rank"]}
+    # structural: c_fc outputs are an affine image of a d-dim input, rank <= d + 1 < 4d
+    assert {f"transformer.resblocks.{i}.mlp.c_fc:out" for i in range(2)} <= deficient
+    rank_aware = transport(source, twin, task_vector, calibration, map_mode="rank_aware", progress=False)
+    exact = rank_aware.task_vector  # equals the ground-truth permuted update (previous test)
+    for index in range(2):
+        p = f"transformer.resblocks.{index}"
+        # determined subspaces: c_proj and attention transported exactly
+        for key in (f"{p}.mlp.c_proj.weight", f"{p}.attn.in_proj_weight", f"{p}.attn.out_proj.weight"):
+            assert relative_error(result.task_vector[key], exact[key]) < 1e-5, key
+        # undetermined: c_fc's output map fills its null space arbitrarily
+        assert relative_error(result.task_vector[f"{p}.mlp.c_fc.weight"], exact[f"{p}.mlp.c_fc.weight"]) > 1e-2
+    transported = apply_task_vector(copy.deepcopy(twin), result.task_vector)
+    with torch.no_grad():
+        assert relative_error(transported(images), reference) > 1e-4
+
+
+class EmbeddedResidualNet(nn.Module):
+    """A residual MLP without normalisation: x + W2 relu(W1 x + b1) + b2, a few blocks, fixed readout."""
+
+    def __init__(self, width: int, hidden: int, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"fc1": nn.Linear(width, hidden), "fc2": nn.Linear(hidden, width)}) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block["fc2"](torch.relu(block["fc1"](x)))
+        return x
+
+
+def test_width_embedded_model_without_normalisation_float64():
+    torch.manual_seed(0)
+    width_a, width_b, hidden_a, hidden_b = 8, 12, 16, 20
+    source = EmbeddedResidualNet(width_a, hidden_a).double()
+    embedding = torch.linalg.qr(torch.randn(width_b, width_a, dtype=torch.float64))[0].T  # d_A x d_B, orthonormal rows
+    target = EmbeddedResidualNet(width_b, hidden_b).double()
+    with torch.no_grad():
+        for block_a, block_b in zip(source.blocks, target.blocks):
+            # hidden units of B: A's units, then dead units (zero weights and bias)
+            block_b["fc1"].weight.zero_(); block_b["fc1"].bias.zero_(); block_b["fc2"].weight.zero_()
+            block_b["fc1"].weight[:hidden_a] = block_a["fc1"].weight @ embedding
+            block_b["fc1"].bias[:hidden_a] = block_a["fc1"].bias
+            block_b["fc2"].weight[:, :hidden_a] = embedding.T @ block_a["fc2"].weight
+            block_b["fc2"].bias.copy_(embedding.T @ block_a["fc2"].bias)
+    inputs = torch.randn(256, width_a, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(target(inputs @ embedding), source(inputs) @ embedding, atol=1e-12)
+    task_vector = random_task_vector(source, lambda key: True, scale=0.05)
+    ties = {f"blocks.{i}.fc1:out": f"blocks.{i}.fc2:in" for i in range(2)}
+    calibration = [(chunk, chunk @ embedding) for chunk in inputs.split(64)]
+    result = transport(source, target, task_vector, calibration, family=GenericLinearAdapter(ties), progress=False)
+    assert torch.allclose(result.plan.maps["blocks.0.fc1:in"], embedding, atol=1e-9)
+    finetuned_source = apply_task_vector(copy.deepcopy(source), task_vector)
+    finetuned_target = apply_task_vector(copy.deepcopy(target), result.task_vector)
+    held_out = torch.randn(64, width_a, dtype=torch.float64)
+    with torch.no_grad():
+        reference = finetuned_source(held_out) @ embedding
+        assert relative_error(finetuned_target(held_out @ embedding), reference) <= 1e-6
+
+
+def test_frobenius_norm_preserved_and_pinv_distorts():
+    torch.manual_seed(0)
+    source, target = tiny_vit(width=32, seed=0), tiny_vit(width=48, heads=6, output_dim=24, seed=1)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    many = [(images, images) for images in torch.randn(4, 16, 3, 16, 16)]
+    result = transport(source, target, task_vector, many, progress=False)
+    assert len(result.report.keys) == len(task_vector)
+    for key in result.report.keys:
+        assert abs(key.norm_ratio - 1.0) <= 1e-6, (key.key, key.norm_ratio)
+    one_batch = [(images, images) for images in torch.randn(1, 2, 3, 16, 16)]
+    pinv = transport(source, target, task_vector, one_batch, method="pinv", progress=False)
+    worst = max(abs(key.norm_ratio - 1.0) for key in pinv.report.keys)
+    assert worst > 0.1, worst

@@ -1,0 +1,273 @@
+"""Statistics, token alignment, T5, determinism, plans, depth and bad input (issue 2, Must show)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import T5Config, T5EncoderModel
+
+from theseus_transport import LayerMap, TransportPlan, apply_task_vector, build_plan, load_task_vector, save_task_vector, transport
+from theseus_transport.transport import (
+    CalibrationError,
+    CorruptFileError,
+    CrossStatistics,
+    DepthMismatchError,
+    FamilyMismatchError,
+    HashMismatchError,
+    OutputExistsError,
+    ShapeMismatchError,
+    TaskVectorKeyError,
+    align_tokens,
+    expand_state_dict,
+    interpolate_tokens_2d,
+)
+from theseus_transport.transport.engine import plan_groups
+
+from twins import random_task_vector, tiny_vit
+
+NOT_TRANSPORTED = ("conv1", "class_embedding", "positional_embedding")
+
+
+def images(count: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def pairs(batches: int, size_a: int = 16, size_b: int = 16, batch: int = 8) -> list[dict]:
+    out = []
+    for index in range(batches):
+        base = images(batch, 32, seed=index)
+        resize = lambda x, s: torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)  # noqa: E731
+        out.append({"source": resize(base, size_a), "target": resize(base, size_b)})
+    return out
+
+
+def test_streaming_statistics_equal_concatenated():
+    generator = torch.Generator().manual_seed(0)
+    chunks_a = [torch.randn(50, 6, generator=generator) for _ in range(5)]
+    chunks_b = [torch.randn(50, 9, generator=generator) for _ in range(5)]
+    streamed = CrossStatistics(6, 9, with_grams=True)
+    for a, b in zip(chunks_a, chunks_b):
+        streamed.update(a, b)
+    all_a, all_b = torch.cat(chunks_a).double(), torch.cat(chunks_b).double()
+    assert streamed.count == 250
+    assert (streamed.cross_covariance() - all_a.T @ all_b).abs().max() <= 1e-12
+    centered_a, centered_b = all_a - all_a.mean(0), all_b - all_b.mean(0)
+    assert (streamed.cross_covariance(center=True) - centered_a.T @ centered_b).abs().max() <= 1e-12
+    assert (streamed.gram("target") - all_b.T @ all_b).abs().max() <= 1e-12
+    assert streamed.nbytes() == 8 * (6 + 9 + 54 + 36 + 81)
+
+
+def test_token_alignment_keeps_cls_and_leaves_identical_grids():
+    source = torch.randn(2, 197, 8)
+    resized = interpolate_tokens_2d(source, 226)
+    assert resized.shape == (2, 226, 8)
+    assert torch.equal(resized[:, 0], source[:, 0])
+    assert interpolate_tokens_2d(source, 197) is source
+    constant = torch.ones(1, 197, 3)
+    assert torch.allclose(interpolate_tokens_2d(constant, 226), torch.ones(1, 226, 3))
+    rows_a, rows_b = align_tokens(torch.randn(2, 197, 8), torch.randn(2, 226, 12), "interpolate2d")
+    assert rows_a.shape == (452, 8) and rows_b.shape == (452, 12)
+    mean_a, _ = align_tokens(source, torch.randn(2, 226, 4), "mean")
+    assert mean_a.shape == (2, 8)
+    with pytest.raises(ValueError, match="token counts differ"):
+        align_tokens(source, torch.randn(2, 226, 4), "none")
+
+
+def test_different_image_sizes_transport():
+    source, target = tiny_vit(width=32, image_size=16), tiny_vit(width=48, heads=6, image_size=20, output_dim=24, seed=1)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    result = transport(source, target, task_vector, pairs(2, 16, 20), held_out=pairs(1, 16, 20), progress=False)
+    assert result.report.settings["token_alignment"] == "interpolate2d"
+    target_state = target.state_dict()
+    for key, value in result.task_vector.items():
+        assert value.shape == target_state[key].shape
+    # the maps align the models better than zero-padding does
+    after = [v["after"] for v in result.report.alignment.values()]
+    before = [v["before"] for v in result.report.alignment.values()]
+    assert sum(after) > sum(before)
+
+
+def tiny_t5(d_model: int, d_ff: int, heads: int, seed: int, gated: bool = False) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=384, d_model=d_model, d_ff=d_ff, num_heads=heads, d_kv=8, num_layers=2,
+                      feed_forward_proj="gated-gelu" if gated else "relu", dropout_rate=0.0)
+    return T5EncoderModel(config).eval()
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_t5_pair_with_different_widths_and_heads(gated):
+    source, target = tiny_t5(32, 64, 4, 0, gated), tiny_t5(48, 96, 6, 1, gated)
+    task_vector = random_task_vector(source, lambda key: "embed" not in key and "shared" not in key and "relative" not in key)
+    generator = torch.Generator().manual_seed(0)
+    calibration = []
+    for _ in range(3):
+        ids = torch.randint(0, 384, (8, 24), generator=generator)
+        mask = torch.ones(8, 24, dtype=torch.long)
+        mask[:, 20:] = 0  # padding: must stay out of the statistics
+        batch = {"input_ids": ids, "attention_mask": mask}
+        calibration.append({"source": batch, "target": batch})
+    result = transport(source, target, task_vector, calibration, progress=False)
+    assert result.plan.family == "t5"
+    target_state = target.state_dict()
+    assert set(result.task_vector) == set(task_vector)
+    for key, value in result.task_vector.items():
+        assert value.shape == target_state[key].shape
+    for key in result.report.keys:
+        assert abs(key.norm_ratio - 1.0) <= 1e-6, key
+    tokens = next(iter(result.plan.metadata["calibration_tokens"].values()))
+    assert tokens == 3 * 8 * 20
+    assert "shared.weight" in result.report.skipped or "shared.weight" not in task_vector
+
+
+def test_bitwise_deterministic_on_cpu():
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    for method in ("theseus", "random", "random_maps"):
+        first = transport(source, target, task_vector, pairs(2), method=method, seed=3, progress=False).task_vector
+        second = transport(source, target, task_vector, pairs(2), method=method, seed=3, progress=False).task_vector
+        assert all(torch.equal(first[k], second[k]) for k in first), method
+
+
+@pytest.mark.parametrize("method", ["zero_pad", "random", "random_maps", "pinv", "pinv_ridge", "decoupled_ls", "decoupled_orth"])
+def test_baselines_share_the_signature(method):
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    result = transport(source, target, task_vector, pairs(2), method=method, progress=False)
+    target_state = target.state_dict()
+    assert set(result.task_vector) == set(task_vector)
+    assert all(result.task_vector[k].shape == target_state[k].shape for k in result.task_vector)
+    if method in ("random", "zero_pad"):
+        # random keeps the norm by construction; zero-padding into a wider model loses nothing
+        assert all(abs(k.norm_ratio - 1) < 1e-6 for k in result.report.keys)
+
+
+def test_zero_pad_embeds_source_update():
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    task_vector = random_task_vector(source, lambda key: key.endswith("mlp.c_proj.weight"))
+    result = transport(source, target, task_vector, pairs(1), method="zero_pad", progress=False)
+    key = "transformer.resblocks.0.mlp.c_proj.weight"
+    assert torch.equal(result.task_vector[key][:32, :128], task_vector[key])
+    assert result.task_vector[key][32:].abs().sum() == 0
+
+
+def test_plan_saves_loads_and_applies_to_many_task_vectors(tmp_path):
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    plan, _ = build_plan(source, target, pairs(2), progress=False)
+    plan.save(tmp_path / "plan.safetensors")
+    loaded = TransportPlan.load(tmp_path / "plan.safetensors")
+    for seed in (2, 3):
+        task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED), seed=seed)
+        direct, _, _ = plan.apply(task_vector)
+        again, _, _ = loaded.apply(task_vector)
+        assert all(torch.equal(direct[k], again[k]) for k in direct)
+
+
+def test_alpha_scales_the_update():
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    one = transport(source, target, task_vector, pairs(2), progress=False).task_vector
+    half = transport(source, target, task_vector, pairs(2), alpha=0.5, progress=False).task_vector
+    assert all(torch.allclose(half[k], 0.5 * one[k], atol=1e-7) for k in one)
+
+
+def test_layer_map_interpolation_is_the_paper_rule():
+    assert LayerMap.interpolated(3, 6).sources == (
+        ((0, 1.0),), ((0, 0.5), (1, 0.5)), ((1, 1.0),), ((1, 0.5), (2, 0.5)), ((2, 1.0),), ((2, 1.0),)
+    )
+    state = {"blocks.0.w": torch.tensor([0.0]), "blocks.1.w": torch.tensor([2.0]), "head": torch.tensor([5.0])}
+    expanded = expand_state_dict(state, "blocks", LayerMap.interpolated(2, 4))
+    assert [float(expanded[f"blocks.{i}.w"]) for i in range(4)] == [0.0, 1.0, 2.0, 2.0]
+    assert float(expanded["head"]) == 5.0
+
+
+def test_depth_expansion_transport():
+    source, deep = tiny_vit(width=32, layers=2), tiny_vit(width=48, heads=6, layers=4, seed=1)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    with pytest.raises(DepthMismatchError, match="layer_map"):
+        transport(source, deep, task_vector, pairs(1), progress=False)
+    result = transport(source, deep, task_vector, pairs(2), layer_map="interpolate", progress=False)
+    state = deep.state_dict()
+    assert "transformer.resblocks.3.mlp.c_fc.weight" in result.task_vector
+    assert all(result.task_vector[k].shape == state[k].shape for k in result.task_vector)
+
+
+# ---- bad input: named errors, nothing written ------------------------------------------------
+
+def test_family_mismatch():
+    with pytest.raises(FamilyMismatchError):
+        transport(tiny_vit(), tiny_t5(32, 64, 4, 0), {}, pairs(1), family="openclip", progress=False)
+
+
+def test_unknown_key_and_wrong_shape():
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    with pytest.raises(TaskVectorKeyError, match="visual."):
+        transport(source, target, {"visual.ln_post.weight": torch.zeros(32)}, pairs(1), progress=False)
+    with pytest.raises(ShapeMismatchError, match="ln_post.weight"):
+        transport(source, target, {"ln_post.weight": torch.zeros(33)}, pairs(1), progress=False)
+
+
+def test_empty_and_non_finite_calibration():
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    task_vector = {"ln_post.weight": torch.ones(32)}
+    with pytest.raises(CalibrationError, match="empty"):
+        transport(source, target, task_vector, [], progress=False)
+    poisoned = pairs(1)
+    poisoned[0]["source"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN or Inf"):
+        transport(source, target, task_vector, poisoned, progress=False)
+    unpaired = [{"source": images(4), "target": images(3)}]
+    with pytest.raises(CalibrationError, match="same examples"):
+        transport(source, target, task_vector, unpaired, progress=False)
+
+
+def test_corrupt_truncated_and_tampered_files(tmp_path):
+    tensors = {"a": torch.randn(4, 4), "b": torch.randn(3)}
+    path = save_task_vector(tmp_path / "tv.safetensors", tensors, {"family": "openclip", "task": "x"})
+    loaded, info = load_task_vector(path)
+    assert torch.equal(loaded["a"], tensors["a"]) and info["num_parameters"] == 19 and info["family"] == "openclip"
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 10])
+    (tmp_path / "truncated.json").write_text((tmp_path / "tv.json").read_text())
+    with pytest.raises(CorruptFileError):
+        load_task_vector(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CorruptFileError):
+        load_task_vector(garbage)
+    tampered = tmp_path / "tampered.safetensors"
+    save_file({"a": tensors["a"] + 1, "b": tensors["b"]}, str(tampered))
+    (tmp_path / "tampered.json").write_text((tmp_path / "tv.json").read_text())
+    with pytest.raises(HashMismatchError):
+        load_task_vector(tampered)
+
+
+def test_existing_output_is_never_overwritten(tmp_path):
+    path = save_task_vector(tmp_path / "tv.safetensors", {"a": torch.ones(2)}, {})
+    before = path.read_bytes(), (tmp_path / "tv.json").read_text()
+    with pytest.raises(OutputExistsError):
+        save_task_vector(path, {"a": torch.zeros(2)}, {})
+    assert (path.read_bytes(), (tmp_path / "tv.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tv.json", "tv.safetensors"]  # no temporary left
+    save_task_vector(path, {"a": torch.zeros(2)}, {}, overwrite=True)
+    assert torch.equal(load_task_vector(path)[0]["a"], torch.zeros(2))
+
+
+def test_apply_task_vector_checks_keys_and_shapes():
+    model = tiny_vit()
+    with pytest.raises(TaskVectorKeyError):
+        apply_task_vector(copy.deepcopy(model), {"nope": torch.zeros(1)})
+    with pytest.raises(ShapeMismatchError):
+        apply_task_vector(copy.deepcopy(model), {"ln_post.weight": torch.zeros(5)})
+
+
+def test_memory_budget_groups_give_identical_statistics():
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    whole = transport(source, target, task_vector, pairs(2), progress=False)
+    grouped = transport(source, target, task_vector, pairs(2), memory_budget_bytes=256 * 1024, progress=False)
+    assert all(torch.equal(whole.task_vector[k], grouped.task_vector[k]) for k in whole.task_vector)
+    assert plan_groups({"a": 10, "b": 10, "c": 10}, 20) == [["a", "b"], ["c"]]
