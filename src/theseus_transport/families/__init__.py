@@ -17,6 +17,16 @@ __all__ = [
     "get_family",
     "known_families",
     "load_openclip",
+    "load_base_encoder",
     "load_t5_encoder",
     "register_family",
 ]
+
+
+def load_base_encoder(family: str, model_name: str, pretrained: str | None = None, device: str = "cpu"):
+    """Load the pretrained encoder that a family transports (OpenCLIP `visual`, T5 encoder)."""
+    if family == "openclip":
+        return load_openclip(model_name, pretrained, device=device)[0].visual
+    if family == "t5":
+        return load_t5_encoder(model_name if pretrained in (None, "") else pretrained, device=device)
+    raise KeyError(f"no loader for family {family!r}; known: ['openclip', 't5']")

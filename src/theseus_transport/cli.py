@@ -1,0 +1,194 @@
+"""The `theseus` console script: fit / validate / test (LightningCLI), transport, compare, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_main(args: list[str]) -> None:
+    """Run LightningCLI with any LightningModule / LightningDataModule given by class path in YAML."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    # importing registers the project's classes for short class_path names in configs
+    import theseus_transport.callbacks  # noqa: F401
+    import theseus_transport.data  # noqa: F401
+    import theseus_transport.modules  # noqa: F401
+
+    LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+def _transport_parser(parser: argparse.ArgumentParser) -> None:
+    models = parser.add_argument_group("models")
+    models.add_argument("--family", default="openclip", choices=["openclip", "t5"])
+    models.add_argument("--source-model", required=True, help="OpenCLIP model name or HF id of the source")
+    models.add_argument("--source-pretrained", default=None, help="pretrained tag or checkpoint path of the source")
+    models.add_argument("--target-model", required=True)
+    models.add_argument("--target-pretrained", default=None)
+    models.add_argument("--task-vector", required=True, help="source task vector (.safetensors with sidecar)")
+    data = parser.add_argument_group("calibration data")
+    data.add_argument("--dataset", required=True, help="hub id, zoo:<task> (offline world) or a save_to_disk folder")
+    data.add_argument("--dataset-config", default=None)
+    data.add_argument("--calibration-batches", type=int, default=1)
+    data.add_argument("--calibration-batch-size", type=int, default=32)
+    data.add_argument("--calibration-protocol", default="batches", choices=["batches", "shots"])
+    data.add_argument("--calibration-shots", type=int, default=4)
+    data.add_argument("--calibration-seed", type=int, default=0)
+    data.add_argument("--held-out-batches", type=int, default=1, help="validation batches for the cosine report (0: skip)")
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", default="theseus")
+    method.add_argument("--map-mode", default="rank_aware", choices=["rank_aware", "paper"])
+    method.add_argument("--alpha", type=float, default=1.0)
+    method.add_argument("--center", action="store_true", help="centered cross-covariance (default: uncentered)")
+    method.add_argument("--token-alignment", default=None, choices=["none", "mean", "interpolate", "interpolate2d"])
+    method.add_argument("--layer-map", default=None, choices=["interpolate"], help="depth mismatch: paper Sec. 4.4")
+    method.add_argument("--memory-budget-mb", type=float, default=None, help="cap on statistics memory per pass")
+    method.add_argument("--seed", type=int, default=0)
+    method.add_argument("--device", default="cpu")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", required=True, help="target task vector (.safetensors); sidecar and report beside it")
+    out.add_argument("--plan-out", default=None, help="also save the transport plan (maps) here")
+    out.add_argument("--overwrite", action="store_true")
+    out.add_argument("--no-progress", action="store_true")
+
+
+def transport_main(options: argparse.Namespace) -> int:
+    """Transport a task vector between two base models and write vector, sidecar and report JSON."""
+    from .families import load_base_encoder
+    from .transport import load_task_vector, save_task_vector, transport
+    from .transport.io import check_writable, sidecar_path, write_json
+
+    output = Path(options.output)
+    report_path = output.with_suffix(".report.json")
+    outputs = [output, sidecar_path(output), report_path] + ([Path(options.plan_out)] if options.plan_out else [])
+    check_writable(*outputs, overwrite=options.overwrite)  # refuse before any work is done
+    task_vector, info = load_task_vector(options.task_vector)
+    source = load_base_encoder(options.family, options.source_model, options.source_pretrained, options.device)
+    target = load_base_encoder(options.family, options.target_model, options.target_pretrained, options.device)
+    datamodule = _calibration_datamodule(options)
+    calibration = datamodule.calibration_dataloader()
+    held_out = None
+    if options.held_out_batches > 0 and hasattr(datamodule, "held_out_dataloader"):
+        held_out = datamodule.held_out_dataloader(batches=options.held_out_batches)
+    budget = None if options.memory_budget_mb is None else int(options.memory_budget_mb * 2**20)
+    result = transport(
+        source, target, task_vector, calibration, family=options.family, method=options.method,
+        map_mode=options.map_mode, alpha=options.alpha, center=options.center,
+        token_alignment=options.token_alignment, layer_map=options.layer_map, held_out=held_out,
+        seed=options.seed, memory_budget_bytes=budget, progress=not options.no_progress,
+    )
+    print(result.report.summary())
+    metadata = {
+        "family": options.family, "model": options.target_model, "pretrained": options.target_pretrained,
+        "task": info.get("task"), "encoder": info.get("encoder"),
+        "transported_from": {"model": options.source_model, "pretrained": options.source_pretrained,
+                             "task_vector": str(options.task_vector), "sha256": info.get("sha256")},
+        "method": options.method, "map_mode": options.map_mode, "alpha": options.alpha,
+        "calibration": {"dataset": options.dataset, "batches": options.calibration_batches,
+                        "batch_size": options.calibration_batch_size, "seed": options.calibration_seed},
+    }
+    written: list[Path] = []
+    try:
+        written.append(save_task_vector(output, result.task_vector, metadata, overwrite=options.overwrite))
+        written.append(sidecar_path(output))
+        written.append(write_json(report_path, result.report.to_dict(), overwrite=options.overwrite))
+        if options.plan_out:
+            written.append(result.plan.save(options.plan_out, overwrite=options.overwrite))
+    except BaseException:
+        for path in written:  # no partial output: all files or none
+            path.unlink(missing_ok=True)
+        raise
+    print(f"wrote {output}, {sidecar_path(output).name}, {report_path.name}")
+    return 0
+
+
+def _calibration_datamodule(options: argparse.Namespace):
+    from .data import ImageClassificationDataModule, TextPairDataModule
+
+    common = dict(
+        dataset_config=options.dataset_config, calibration_protocol=options.calibration_protocol,
+        calibration_batches=options.calibration_batches, calibration_batch_size=options.calibration_batch_size,
+        calibration_shots=options.calibration_shots, calibration_seed=options.calibration_seed,
+    )
+    if options.family == "t5":
+        return TextPairDataModule(
+            options.dataset, tokenizer_name=options.target_model, source_tokenizer_name=options.source_model, **common
+        )
+    return ImageClassificationDataModule(
+        options.dataset, model_name=options.target_model, pretrained=options.target_pretrained,
+        source_model_name=options.source_model, source_pretrained=options.source_pretrained, **common,
+    )
+
+
+def compare_main(options: argparse.Namespace) -> int:
+    """Draw loss and accuracy curves of several runs in one PNG with steps-to-target in the legend."""
+    from .compare import compare_runs
+
+    summary = compare_runs(options.runs, options.out, monitor=options.monitor, target=options.target,
+                           loss_tag=options.loss_tag, overwrite=options.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def demo_main(options: argparse.Namespace) -> int:
+    """Run the offline end-to-end demo (zoo family, 8 tasks, transport, warm start)."""
+    from .zoo.demo import run_demo
+
+    run_demo(output_dir=options.output_dir, quick=options.quick, overwrite=options.overwrite, cache_dir=options.cache_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `theseus` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        lightning_main(argv)
+        return 0
+    parser = argparse.ArgumentParser(prog="theseus", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,transport,compare,demo}")
+    for name in ("fit", "validate", "test"):
+        sub.add_parser(name, help=f"LightningCLI {name} (see `theseus {name} --help`)", add_help=False)
+    _transport_parser(sub.add_parser("transport", help="transport a task vector to another model"))
+    compare = sub.add_parser("compare", help="plot several runs' curves from their TensorBoard logs")
+    compare.add_argument("runs", nargs="+", help="run directories (searched for TensorBoard event files)")
+    compare.add_argument("--out", required=True, help="PNG to write")
+    compare.add_argument("--monitor", default="val/acc")
+    compare.add_argument("--target", type=float, default=None, help="steps-to-target threshold (default: 0.9 * best final)")
+    compare.add_argument("--loss-tag", default="train/loss")
+    compare.add_argument("--overwrite", action="store_true")
+    demo = sub.add_parser("demo", help="offline end-to-end demo on the project's own model family")
+    demo.add_argument("--quick", action="store_true", help="fewer tasks, steps and batches (a few minutes)")
+    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--cache-dir", default=None)
+    demo.add_argument("--overwrite", action="store_true")
+    options = parser.parse_args(argv)
+    if options.command is None:
+        parser.print_help()
+        return 2
+    handlers = {"transport": transport_main, "compare": compare_main, "demo": demo_main}
+    from .transport.errors import TheseusError
+
+    try:
+        return handlers[options.command](options)
+    except (TheseusError, FileNotFoundError) as error:
+        print(f"theseus {options.command}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

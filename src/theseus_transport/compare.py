@@ -1,0 +1,88 @@
+"""Read TensorBoard logs of several runs and draw their convergence curves in one figure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .transport.io import check_writable
+
+
+def find_event_dirs(run: str | os.PathLike) -> list[Path]:
+    """Return the folders under `run` that hold TensorBoard event files."""
+    run = Path(run)
+    if not run.exists():
+        raise FileNotFoundError(f"run directory {run} does not exist")
+    folders = sorted({path.parent for path in run.rglob("events.out.tfevents.*")})
+    if not folders:
+        raise FileNotFoundError(f"no TensorBoard event files under {run}")
+    return folders
+
+
+def read_scalars(run: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Return every scalar series of a run as tag -> [(step, value)], merged over its event folders."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, dict[int, float]] = {}
+    for folder in find_event_dirs(run):
+        accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("scalars", []):
+            for event in accumulator.Scalars(tag):
+                series.setdefault(tag, {})[event.step] = event.value  # a resumed run's later value wins
+    return {tag: sorted(points.items()) for tag, points in series.items()}
+
+
+def steps_to_target(points: Sequence[tuple[int, float]], target: float, mode: str = "max") -> int | None:
+    """Return the first step whose value reaches `target` (>= for max, <= for min), or None."""
+    for step, value in points:
+        if (value >= target) if mode == "max" else (value <= target):
+            return step
+    return None
+
+
+def compare_runs(
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    monitor: str = "val/acc",
+    target: float | None = None,
+    loss_tag: str = "train/loss",
+    overwrite: bool = False,
+    labels: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Plot loss and `monitor` against steps for each run; return steps-to-target per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    check_writable(out, overwrite=overwrite)
+    scalars = {str(run): read_scalars(run) for run in runs}
+    for run, series in scalars.items():
+        if monitor not in series:
+            raise KeyError(f"run {run} logged no {monitor!r}; it has {sorted(series)}")
+    if target is None:
+        target = 0.9 * max(series[monitor][-1][1] for series in scalars.values())
+    labels = list(labels) if labels is not None else [Path(run).name for run in scalars]
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    summary: dict[str, Any] = {"monitor": monitor, "target": target, "runs": {}}
+    for label, (run, series) in zip(labels, scalars.items()):
+        reached = steps_to_target(series[monitor], target)
+        summary["runs"][run] = {"label": label, "steps_to_target": reached, "final": series[monitor][-1][1]}
+        if loss_tag in series:
+            steps, values = zip(*series[loss_tag])
+            loss_axis.plot(steps, values, label=label, linewidth=1)
+        steps, values = zip(*series[monitor])
+        metric_axis.plot(steps, values, marker="o", markersize=3, label=f"{label} (target at {reached if reached is not None else 'never'})")
+    metric_axis.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+    loss_axis.set(xlabel="step", ylabel=loss_tag, title="training loss")
+    metric_axis.set(xlabel="step", ylabel=monitor, title=f"{monitor} (target {target:.3f})")
+    loss_axis.legend(fontsize=8)
+    metric_axis.legend(fontsize=8)
+    figure.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return summary
