@@ -9,4 +9,5 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models: one thread avoids thread start-up and contention costs that dominate at this size
+torch.set_num_threads(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,7 +145,10 @@ def load_t5_encoder(model_id: str, device: str | torch.device = "cpu") -> nn.Mod
     from transformers import T5Config, T5EncoderModel
 
     if model_id in TINY_T5_CONFIGS:
-        return T5EncoderModel(T5Config(**TINY_T5_CONFIGS[model_id])).to(device)
+        # seeded per name: every process (a callback, another rank, a later run) builds the same base
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(model_id.encode()))
+            return T5EncoderModel(T5Config(**TINY_T5_CONFIGS[model_id])).to(device)
     try:
         return T5EncoderModel.from_pretrained(model_id).to(device)
     except OSError as error:

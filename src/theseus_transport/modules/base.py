@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..transport.io import check_writable, sidecar_path
 from .schedule import warmup_cosine_scheduler
 from .task_vector import snapshot_state, task_vector_from, write_task_vector
 
@@ -54,6 +56,15 @@ class EncoderClassifier(L.LightningModule):
         self.task_vector_path: Path | None = None
 
     # ----- construction ------------------------------------------------------------------------------
+    def _save_own_hyperparameters(self) -> None:
+        # save only the arguments of the most specific class's __init__ (LinearProbe has no `head`),
+        # so load_from_checkpoint can call that __init__ with them
+        own = set(inspect.signature(type(self).__init__).parameters) - {"self"}
+        caller = inspect.currentframe().f_back
+        self.save_hyperparameters(frame=caller)
+        for key in [key for key in self.hparams if key not in own]:
+            del self.hparams[key]
+
     def _encoder_ready(self) -> None:
         # snapshot now, before any callback (e.g. a transported warm start) edits the encoder: task
         # vectors are always relative to the pretrained weights named by model_name / pretrained
@@ -167,6 +178,12 @@ class EncoderClassifier(L.LightningModule):
             "weight_decay": self.weight_decay,
             "freeze_encoder": self.freeze_encoder,
         }
+
+    def on_fit_start(self) -> None:
+        """Refuse an existing task_vector_out now rather than after hours of training."""
+        if self.task_vector_out is not None and self.trainer.is_global_zero:
+            path = Path(self.task_vector_out)
+            check_writable(path, sidecar_path(path), overwrite=self.overwrite)
 
     def on_fit_end(self) -> None:
         """Write the encoder task vector (rank zero only) when task_vector_out is set."""

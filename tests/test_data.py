@@ -1,0 +1,289 @@
+"""Tests of theseus_transport.data: calibration protocols, datamodules, registry, offline errors."""
+
+from __future__ import annotations
+
+import os
+
+# before datasets / huggingface_hub are imported: every hub call must fail fast
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import json
+import time
+from collections import Counter
+
+import datasets
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from theseus_transport.data import (
+    TASK_TEMPLATES,
+    TEXT_TASKS,
+    VISION_TASKS,
+    ImageClassificationDataModule,
+    TextPairDataModule,
+    find_text_task,
+    find_vision_task,
+    image_size_of,
+    load_dataset_dict,
+    load_tokenizer,
+    openclip_preprocess_cfg,
+    sample_k_batches,
+    sample_k_shots,
+)
+from theseus_transport.transport.errors import OfflineError
+
+SOURCE, TARGET = "tt-data-source", "tt-data-target"
+CLASSNAMES = ["red thing", "green thing", "blue thing"]
+TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine OpenMP spinning costs 100x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_openclip_configs(tmp_path_factory):
+    """Register two tiny OpenCLIP configs of different width and image size (no weights needed)."""
+    folder = tmp_path_factory.mktemp("openclip_configs")
+    for name, size, width in ((SOURCE, 32, 32), (TARGET, 40, 48)):
+        config = {
+            "embed_dim": 16,
+            "vision_cfg": {"image_size": size, "layers": 2, "width": width, "patch_size": 8, "head_width": 8},
+            "text_cfg": TEXT_CFG,
+        }
+        (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+
+
+def _image_split(count: int, seed: int) -> datasets.Dataset:
+    """Each image is one flat colour, unique per example, so its pixel mean identifies it."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for index in range(count):
+        label = index % len(CLASSNAMES)
+        colour = rng.integers(0, 256, size=3).astype(np.uint8)
+        images.append(Image.fromarray(np.broadcast_to(colour, (24, 24, 3)).copy()))
+        labels.append(label)
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=CLASSNAMES)})
+    return datasets.Dataset.from_dict({"img": images, "fine_label": labels}, features=features)
+
+
+@pytest.fixture(scope="module")
+def image_dict() -> datasets.DatasetDict:
+    """A train/test dataset with non-standard column names and no validation split."""
+    return datasets.DatasetDict({"train": _image_split(60, 0), "test": _image_split(12, 1)})
+
+
+def _image_module(raw: datasets.DatasetDict, **kwargs) -> ImageClassificationDataModule:
+    settings = dict(model_name=TARGET, source_model_name=SOURCE, batch_size=8, calibration_batch_size=4)
+    settings.update(kwargs)
+    module = ImageClassificationDataModule.from_datasets(raw, name="colours", **settings)
+    module.setup("fit")
+    return module
+
+
+# ----- calibration protocols ----------------------------------------------------------------------------------
+
+
+def test_k_batches_is_seeded_distinct_and_sized():
+    first = sample_k_batches(100, 3, 8, seed=0)
+    assert first == sample_k_batches(100, 3, 8, seed=0)
+    assert first != sample_k_batches(100, 3, 8, seed=1)
+    assert len(first) == 24 and len(set(first)) == 24 and all(0 <= index < 100 for index in first)
+    # one more batch keeps the first ones: the draw is a prefix of one seeded permutation
+    assert sample_k_batches(100, 4, 8, seed=0)[:24] == first
+
+
+def test_k_batches_refuses_more_than_the_split():
+    with pytest.raises(ValueError, match="only 10"):
+        sample_k_batches(10, 2, 8, seed=0)
+
+
+def test_k_shots_is_balanced_seeded_and_interleaved():
+    labels = [index % 4 for index in range(40)] + [0] * 10
+    chosen = sample_k_shots(labels, 3, seed=5)
+    assert chosen == sample_k_shots(labels, 3, seed=5)
+    assert chosen != sample_k_shots(labels, 3, seed=6)
+    assert len(set(chosen)) == 12
+    assert Counter(labels[index] for index in chosen) == {0: 3, 1: 3, 2: 3, 3: 3}
+    # round robin: every prefix of one shot per class holds each class once
+    assert sorted(labels[index] for index in chosen[:4]) == [0, 1, 2, 3]
+
+
+def test_k_shots_warns_on_small_classes():
+    with pytest.warns(UserWarning, match="fewer than 3"):
+        chosen = sample_k_shots([0, 0, 0, 1], 3, seed=0)
+    assert Counter([0, 0, 0, 1][index] for index in chosen) == {0: 3, 1: 1}
+
+
+# ----- image datamodule ------------------------------------------------------------------------------------------
+
+
+def test_image_datamodule_splits_columns_and_batches(image_dict):
+    module = _image_module(image_dict)
+    assert (module.image_column, module.label_column) == ("img", "fine_label")
+    assert module.classnames == CLASSNAMES and module.num_classes == 3
+    # no validation split: 10 % of train, seeded, disjoint from what is left of train
+    assert len(module.splits["val"]) == 6 and len(module.splits["train"]) == 54
+    images, labels = next(iter(module.train_dataloader()))
+    assert images.shape == (8, 3, 40, 40) and labels.dtype == torch.long
+    images, _ = next(iter(module.test_dataloader()))
+    assert images.shape[-2:] == (40, 40)
+    assert module.templates and all("{}" in template for template in module.templates)
+
+
+def _pixel_means(images: torch.Tensor, model_name: str) -> torch.Tensor:
+    cfg = openclip_preprocess_cfg(model_name)
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    return (images * std + mean).mean(dim=(2, 3))
+
+
+def test_paired_calibration_batches_hold_the_same_examples(image_dict):
+    module = _image_module(image_dict, calibration_batches=3)
+    batches = list(module.calibration_dataloader())
+    assert len(batches) == 3
+    indices = module.calibration_indices()
+    source_split = module.calibration_split()
+    for number, batch in enumerate(batches):
+        assert set(batch) == {"source", "target", "label"}
+        assert batch["source"].shape == (4, 3, 32, 32) and batch["target"].shape == (4, 3, 40, 40)
+        # flat-colour images: both preprocessings recover the same colour per example
+        torch.testing.assert_close(
+            _pixel_means(batch["source"], SOURCE), _pixel_means(batch["target"], TARGET), atol=2e-3, rtol=0
+        )
+        expected = [source_split[index]["fine_label"] for index in indices[number * 4 : number * 4 + 4]]
+        assert batch["label"].tolist() == expected
+    again = list(module.calibration_dataloader())
+    assert all(torch.equal(a["source"], b["source"]) for a, b in zip(batches, again))
+
+
+def test_calibration_prefers_the_calibration_split_and_shards(image_dict):
+    raw = datasets.DatasetDict({**image_dict, "calibration": _image_split(9, 2)})
+    module = _image_module(raw, calibration_protocol="shots", calibration_shots=2, calibration_batch_size=2)
+    indices = module.calibration_indices()
+    assert len(module.calibration_split()) == 9 and len(indices) == 6
+    labels = [module.calibration_split()[index]["fine_label"] for index in indices]
+    assert Counter(labels) == {0: 2, 1: 2, 2: 2}
+    shards = [module.calibration_batches_for(rank, 2) for rank in (0, 1)]
+    assert sorted(sum(shards[0] + shards[1], [])) == sorted(indices)
+    batch = next(iter(module.calibration_dataloader(source_model_name=SOURCE, rank=1, world_size=2)))
+    assert batch["label"].tolist() == labels[2:4]
+
+
+def test_calibration_needs_a_source_model(image_dict):
+    module = _image_module(image_dict, source_model_name=None)
+    with pytest.raises(ValueError, match="source_model_name"):
+        module.calibration_dataloader()
+
+
+def test_save_to_disk_path_matches_in_memory(image_dict, tmp_path):
+    image_dict.save_to_disk(str(tmp_path / "colours"))
+    from_disk = ImageClassificationDataModule(
+        str(tmp_path / "colours"), model_name=TARGET, source_model_name=SOURCE, calibration_batch_size=4
+    )
+    from_disk.setup("fit")
+    in_memory = _image_module(image_dict)
+    assert from_disk.task_name == "colours" and from_disk.classnames == in_memory.classnames
+    assert from_disk.calibration_indices() == in_memory.calibration_indices()
+    assert from_disk.splits["val"]["fine_label"] == in_memory.splits["val"]["fine_label"]
+
+
+def test_preprocessing_follows_open_clip_without_building_models():
+    assert image_size_of("ViT-B-16", "laion2b_s34b_b88k") == (224, 224)
+    assert image_size_of("ViT-B-16-plus-240", "laion400m_e32") == (240, 240)
+    assert image_size_of(TARGET) == (40, 40)
+    _, _, reference = open_clip.create_model_and_transforms(TARGET, pretrained=None)
+    ours = ImageClassificationDataModule("unused", model_name=TARGET).target_transform()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    torch.testing.assert_close(ours(image), reference(image))
+
+
+# ----- text datamodule -----------------------------------------------------------------------------------------
+
+
+def _text_dict(string_labels: bool = False) -> datasets.DatasetDict:
+    def split(count: int, offset: int) -> datasets.Dataset:
+        premises = [f"premise number {offset + index} about cats" for index in range(count)]
+        hypotheses = [f"hypothesis {index % 3}" for index in range(count)]
+        if string_labels:
+            labels = ["entails" if index % 2 else "neutral" for index in range(count)]
+            return datasets.Dataset.from_dict({"premise": premises, "hypothesis": hypotheses, "label": labels})
+        labels = [-1 if index % 7 == 6 else index % 3 for index in range(count)]
+        features = datasets.Features(
+            {
+                "premise": datasets.Value("string"),
+                "hypothesis": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]),
+            }
+        )
+        return datasets.Dataset.from_dict({"premise": premises, "hypothesis": hypotheses, "label": labels}, features=features)
+
+    return datasets.DatasetDict({"train": split(42, 0), "validation": split(14, 100), "test": split(14, 200)})
+
+
+def test_text_datamodule_drops_unlabelled_and_pads_to_fixed_length():
+    module = TextPairDataModule.from_datasets(
+        _text_dict(), name="toy-nli", tokenizer_name="byt5-offline", max_length=48, batch_size=8, calibration_batch_size=4
+    )
+    module.setup("fit")
+    assert module.classnames == ["entailment", "neutral", "contradiction"]
+    assert len(module.splits["train"]) == 36 and len(module.splits["val"]) == 12  # the -1 rows are gone
+    batch = next(iter(module.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].shape == (8, 48) and batch["attention_mask"].shape == (8, 48)
+    assert batch["labels"].min() >= 0
+    calibration = next(iter(module.calibration_dataloader(source_tokenizer_name="byt5-offline")))
+    assert calibration["source"]["input_ids"].shape == calibration["target"]["input_ids"].shape == (4, 48)
+    assert torch.equal(calibration["source"]["attention_mask"], calibration["target"]["attention_mask"])
+    assert calibration["label"].shape == (4,)
+
+
+def test_text_datamodule_maps_string_labels_like_scitail():
+    module = TextPairDataModule.from_datasets(_text_dict(string_labels=True), name="toy", max_length=32, batch_size=4)
+    module.setup("fit")
+    assert module.classnames == ["entails", "neutral"]
+    labels = torch.cat([batch["labels"] for batch in module.val_dataloader()])
+    assert set(labels.tolist()) == {0, 1}
+
+
+# ----- registry ------------------------------------------------------------------------------------------------
+
+
+def test_registry_knows_the_papers_datasets():
+    assert set(VISION_TASKS) == set(TASK_TEMPLATES) and len(VISION_TASKS) == 8
+    assert find_vision_task("ufldl-stanford/svhn").config == "cropped_digits"
+    assert find_vision_task("eurosat").hub_id == "tanganke/eurosat"
+    assert find_text_task("nyu-mll/glue", "rte").first_column == "sentence1"
+    assert find_text_task("mnli").test_split == "validation_matched"
+    assert find_text_task("allenai/scitail").config == "tsv_format"
+    assert set(TEXT_TASKS) == {"mnli", "qnli", "rte", "snli", "scitail"}
+    assert all("{}" in template for templates in TASK_TEMPLATES.values() for template in templates)
+    assert ImageClassificationDataModule("svhn").dataset_config == "cropped_digits"
+
+
+# ----- offline ---------------------------------------------------------------------------------------------------
+
+
+def test_offline_hub_dataset_raises_offline_error_quickly():
+    start = time.perf_counter()
+    with pytest.raises(OfflineError, match="tanganke/eurosat") as caught:
+        load_dataset_dict("tanganke/eurosat")
+    assert "load_dataset" in str(caught.value) and "HF_DATASETS_CACHE" in str(caught.value)
+    module = ImageClassificationDataModule("ufldl-stanford/svhn", dataset_config="cropped_digits", model_name=TARGET)
+    with pytest.raises(OfflineError, match="ufldl-stanford/svhn"):
+        module.setup("fit")
+    assert time.perf_counter() - start < 15
+
+
+def test_offline_tokenizer_raises_offline_error():
+    with pytest.raises(OfflineError, match="google-t5/t5-small"):
+        load_tokenizer("google-t5/t5-small")

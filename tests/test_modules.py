@@ -1,0 +1,282 @@
+"""Tests of theseus_transport.modules: fine-tuning, linear probes, zero-shot heads, task vectors."""
+
+from __future__ import annotations
+
+import os
+
+# before datasets / huggingface_hub are imported: every hub call must fail fast
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import json
+
+import datasets
+import lightning as L
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from theseus_transport.data import ImageClassificationDataModule, TextPairDataModule
+from theseus_transport.modules import (
+    ImageClassifier,
+    LinearProbe,
+    TextClassifier,
+    snapshot_state,
+    warmup_cosine_factor,
+)
+from theseus_transport.transport.errors import OfflineError, OutputExistsError
+from theseus_transport.transport.io import load_task_vector
+
+TINY = "tt-modules-vit"
+CLASSNAMES = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine OpenMP spinning costs 100x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_openclip_config(tmp_path_factory):
+    """Register a tiny OpenCLIP config (random weights, offline tokenizer)."""
+    folder = tmp_path_factory.mktemp("openclip_configs")
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
+    (folder / f"{TINY}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+
+
+def _colour_split(count: int, seed: int) -> datasets.Dataset:
+    """An easy task: the label is the image's dominant colour channel."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for index in range(count):
+        label = index % 3
+        pixels = rng.integers(0, 90, size=(16, 16, 3))
+        pixels[..., label] += 160
+        images.append(Image.fromarray(pixels.astype(np.uint8)))
+        labels.append(label)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSNAMES)})
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+@pytest.fixture(scope="module")
+def colours() -> datasets.DatasetDict:
+    """Train / val / test splits of the colour task."""
+    return datasets.DatasetDict({"train": _colour_split(48, 0), "val": _colour_split(12, 1), "test": _colour_split(12, 2)})
+
+
+def _image_data(raw: datasets.DatasetDict) -> ImageClassificationDataModule:
+    return ImageClassificationDataModule.from_datasets(raw, name="colours", model_name=TINY, batch_size=12)
+
+
+def _trainer(max_steps: int, callbacks=(), validate: bool = False) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if validate else 0,
+        callbacks=list(callbacks),
+    )
+
+
+@torch.no_grad()
+def _mean_loss(module: L.LightningModule, loader) -> float:
+    was_training = module.training
+    module.eval()
+    losses = [F.cross_entropy(*module._logits_and_labels(batch), reduction="sum") for batch in loader]
+    module.train(was_training)  # Lightning keeps the modes it finds at fit start
+    return float(torch.stack(losses).sum()) / len(loader.dataset)
+
+
+class EncoderModeProbe(L.Callback):
+    """Records whether the encoder was in training mode at each training batch."""
+
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.modes.append(pl_module.encoder.training)
+
+
+class FakeWarmStart(L.Callback):
+    """Stands in for the transport callback: adds a fixed update to the encoder at fit start."""
+
+    def __init__(self) -> None:
+        self.delta: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        with torch.no_grad():
+            for name, param in pl_module.encoder.named_parameters():
+                self.delta[name] = torch.full_like(param, 1e-3)
+                param.add_(self.delta[name])
+
+
+# ----- image classifier ----------------------------------------------------------------------------------------
+
+
+def test_finetune_reduces_loss_and_writes_a_pretrained_relative_task_vector(colours, tmp_path):
+    L.seed_everything(0)
+    data = _image_data(colours)
+    out = tmp_path / "tv" / "colours.safetensors"
+    module = ImageClassifier(TINY, None, head="zeroshot", lr=2e-3, weight_decay=0.0, warmup_steps=2, task_vector_out=str(out))
+    pretrained = snapshot_state(module.encoder)
+    data.setup("fit")
+    module.build_head(data.classnames, data.templates)
+    head_before = module.zeroshot_head.clone()
+    loss_before = _mean_loss(module, data.train_dataloader())
+    warm_start = FakeWarmStart()
+    trainer = _trainer(24, callbacks=[warm_start], validate=True)
+    trainer.fit(module, datamodule=data)
+
+    assert _mean_loss(module, data.train_dataloader()) < 0.7 * loss_before
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
+    # the zero-shot head is a frozen buffer: not trained, not a parameter
+    assert torch.equal(module.zeroshot_head, head_before)
+    assert not any("zeroshot_head" in name for name, _ in module.named_parameters())
+    assert sum(p.numel() for group in trainer.optimizers[0].param_groups for p in group["params"]) == sum(
+        p.numel() for p in module.encoder.parameters()
+    )
+
+    tensors, sidecar = load_task_vector(out)
+    after = module.encoder.state_dict()
+    assert set(tensors) == set(pretrained) and "transformer.resblocks.0.attn.in_proj_weight" in tensors
+    for key, value in tensors.items():
+        # relative to the pretrained weights, so the warm-start update is part of the task vector
+        assert torch.equal(value, after[key] - pretrained[key])
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    assert not torch.allclose(tensors[key], after[key] - (pretrained[key] + warm_start.delta[key]))
+    assert sidecar["family"] == "openclip" and sidecar["model"] == TINY and sidecar["pretrained"] is None
+    assert sidecar["encoder"] == "visual" and sidecar["task"] == "colours"
+    assert sidecar["steps"] == 24 and sidecar["seed"] == 0
+
+
+def test_zeroshot_head_takes_classes_from_the_datamodule_and_evaluates(colours):
+    L.seed_everything(1)
+    module = ImageClassifier(TINY, None, head="zeroshot")
+    trainer = _trainer(1, validate=True)
+    trainer.validate(module, datamodule=_image_data(colours), verbose=False)
+    assert module.classnames == CLASSNAMES and module.zeroshot_head.shape == (3, 16)
+    assert torch.allclose(module.zeroshot_head.norm(dim=-1), torch.ones(3))
+    assert "val/acc" in trainer.callback_metrics
+    frozen = ImageClassifier(TINY, None, head="zeroshot", classnames=CLASSNAMES, freeze_encoder=True)
+    with pytest.raises(ValueError, match="nothing to train"):
+        frozen.configure_optimizers()
+
+
+def test_linear_probe_trains_only_the_head(colours, tmp_path):
+    L.seed_everything(2)
+    probe = LinearProbe(TINY, None, lr=1e-2)
+    probe_data = _image_data(colours)
+    probe_data.setup("fit")
+    probe.build_head(probe_data.classnames)
+    encoder_before = {key: value.clone() for key, value in probe.encoder.state_dict().items()}
+    head_before = probe.head.weight.detach().clone()
+    modes = EncoderModeProbe()
+    trainer = _trainer(6, callbacks=[modes])
+    trainer.fit(probe, datamodule=probe_data)
+
+    assert modes.modes and not any(modes.modes)  # the frozen encoder stayed in eval mode
+    assert all(torch.equal(value, encoder_before[key]) for key, value in probe.encoder.state_dict().items())
+    assert not torch.equal(probe.head.weight, head_before)
+    assert all(not param.requires_grad for param in probe.encoder.parameters())
+
+    checkpoint = tmp_path / "probe.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    restored = LinearProbe.load_from_checkpoint(checkpoint)
+    images, _ = next(iter(probe_data.test_dataloader()))
+    probe.eval(), restored.eval()
+    torch.testing.assert_close(restored(images), probe(images))
+
+
+def test_offline_pretrained_weights_raise_offline_error():
+    with pytest.raises(OfflineError, match="laion2b_s34b_b88k") as caught:
+        ImageClassifier("ViT-B-16", "laion2b_s34b_b88k")
+    assert "ViT-B-16" in str(caught.value)
+    with pytest.raises(OfflineError, match="google-t5/t5-small"):
+        TextClassifier("google-t5/t5-small")
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine_factor(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine_factor(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine_factor(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine_factor(110, 10, 110) == pytest.approx(0.0)
+    factors = [warmup_cosine_factor(step, 10, 110) for step in range(10, 111)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+# ----- text classifier -------------------------------------------------------------------------------------------
+
+
+def _text_data() -> TextPairDataModule:
+    def split(count: int, offset: int) -> datasets.Dataset:
+        label = [index % 2 for index in range(count)]
+        premise = [f"case {offset + index}: the sky is {'blue' if y else 'green'}" for index, y in enumerate(label)]
+        hypothesis = ["yes yes yes" if y else "no no no" for y in label]
+        return datasets.Dataset.from_dict(
+            {"premise": premise, "hypothesis": hypothesis, "label": label},
+            features=datasets.Features(
+                {
+                    "premise": datasets.Value("string"),
+                    "hypothesis": datasets.Value("string"),
+                    "label": datasets.ClassLabel(names=["entailment", "not_entailment"]),
+                }
+            ),
+        )
+
+    raw = datasets.DatasetDict({"train": split(32, 0), "validation": split(8, 100), "test": split(8, 200)})
+    return TextPairDataModule.from_datasets(raw, name="toy-rte", tokenizer_name="byt5-offline", max_length=48, batch_size=8)
+
+
+def test_text_classifier_trains_and_writes_a_t5_task_vector(tmp_path):
+    L.seed_everything(3)
+    data = _text_data()
+    out = tmp_path / "t5.safetensors"
+    module = TextClassifier("t5-tiny-offline", lr=3e-3, weight_decay=0.0, warmup_steps=1, task_vector_out=str(out))
+    pretrained = snapshot_state(module.encoder)
+    trainer = _trainer(12)
+    trainer.fit(module, datamodule=data)
+    assert module.num_classes == 2
+
+    tensors, sidecar = load_task_vector(out)
+    assert sidecar["family"] == "t5" and sidecar["encoder"] == "t5-encoder"
+    assert sidecar["model"] == "t5-tiny-offline" and sidecar["task"] == "toy-rte" and sidecar["steps"] == 12
+    after = module.encoder.state_dict()
+    assert set(tensors) == {key for key, value in after.items() if value.is_floating_point()}
+    assert all(torch.equal(value, after[key] - pretrained[key]) for key, value in tensors.items())
+    assert tensors["encoder.block.0.layer.0.SelfAttention.q.weight"].abs().sum() > 0
+
+
+def test_text_linear_probe_keeps_the_t5_encoder_fixed():
+    L.seed_everything(4)
+    module = TextClassifier("t5-tiny-offline", num_classes=2, lr=1e-2, freeze_encoder=True, warmup_steps=0)
+    encoder_before = {key: value.clone() for key, value in module.encoder.state_dict().items()}
+    head_before = module.head.weight.detach().clone()
+    _trainer(4).fit(module, datamodule=_text_data())
+    assert all(torch.equal(value, encoder_before[key]) for key, value in module.encoder.state_dict().items())
+    assert not torch.equal(module.head.weight, head_before)
+
+
+def test_existing_task_vector_output_is_refused_before_training(tmp_path):
+    out = tmp_path / "taken.safetensors"
+    out.write_bytes(b"not ours")
+    module = TextClassifier("t5-tiny-offline", num_classes=2, warmup_steps=0, task_vector_out=str(out))
+    trainer = _trainer(3)
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        trainer.fit(module, datamodule=_text_data())
+    assert trainer.global_step == 0 and out.read_bytes() == b"not ours"
