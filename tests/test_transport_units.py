@@ -271,3 +271,17 @@ def test_memory_budget_groups_give_identical_statistics():
     grouped = transport(source, target, task_vector, pairs(2), memory_budget_bytes=256 * 1024, progress=False)
     assert all(torch.equal(whole.task_vector[k], grouped.task_vector[k]) for k in whole.task_vector)
     assert plan_groups({"a": 10, "b": 10, "c": 10}, 20) == [["a", "b"], ["c"]]
+
+
+def test_one_calibration_pass_serves_several_methods():
+    from theseus_transport.transport import build_plans
+
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    variants = [dict(method="theseus", map_mode="rank_aware"), dict(method="theseus", map_mode="paper"), dict(method="pinv")]
+    plans, _ = build_plans(source, target, pairs(2), variants, progress=False)
+    for variant, plan in zip(variants, plans):
+        alone, _ = build_plan(source, target, pairs(2), progress=False, **variant)
+        assert plan.maps.keys() == alone.maps.keys()
+        assert all(torch.equal(plan.maps[s], alone.maps[s]) for s in plan.maps), variant
+        assert all(torch.equal(a, b) for a, b in zip(plan.apply(task_vector)[0].values(), alone.apply(task_vector)[0].values()))

@@ -8,6 +8,7 @@ from .engine import (
     TransportResult,
     apply_task_vector,
     build_plan,
+    build_plans,
     collect_statistics,
     measure_alignment,
     task_vector_from_models,

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -354,14 +354,23 @@ def _resolve_depth(adapter: Any, source: nn.Module, target: nn.Module, layer_map
     return layer_map
 
 
-def build_plan(
+def _variant_rules(adapter: Any, source: nn.Module, target: nn.Module, map_mode: str) -> dict[str, ParamRule]:
+    source_rules = adapter.param_rules(source, map_mode)
+    target_rules = adapter.param_rules(target, map_mode)
+    rules: dict[str, ParamRule] = {}
+    for key, rule in source_rules.items():
+        if not rule.skipped and (key not in target_rules or target_rules[key].skipped):
+            rule = ParamRule(skip_reason="the target model has no transportable parameter of this name")
+        rules[key] = rule
+    return rules
+
+
+def build_plans(
     source_base: nn.Module,
     target_base: nn.Module,
     calibration: Iterable[Any],
+    variants: Sequence[Mapping[str, Any]],
     family: Any = None,
-    method: str = "theseus",
-    map_mode: str = DEFAULT_MAP_MODE,
-    center: bool = False,
     token_alignment: str | None = None,
     layer_map: LayerMap | str | None = None,
     rank_rtol: float = 1e-7,
@@ -370,11 +379,17 @@ def build_plan(
     memory_budget_bytes: int | None = None,
     reduce_fn: ReduceFn | None = None,
     progress: bool = True,
-) -> tuple[TransportPlan, dict[str, Any]]:
-    """Compute the maps between two base models from calibration data; return the plan and context."""
-    if map_mode not in MAP_MODES:
-        raise ValueError(f"unknown map mode {map_mode!r}; choose one of {MAP_MODES}")
-    method_spec = get_method(method)
+) -> tuple[list[TransportPlan], dict[str, Any]]:
+    """Compute plans for several (method, map_mode, center) variants from ONE pass of calibration data.
+
+    Each variant is a mapping with optional keys 'method', 'map_mode' and 'center'; the statistics of
+    the union of their capture points are collected once and every variant's maps derive from them.
+    """
+    variants = [dict(method=v.get("method", "theseus"), map_mode=v.get("map_mode", DEFAULT_MAP_MODE), center=bool(v.get("center", False))) for v in variants]
+    for variant in variants:
+        if variant["map_mode"] not in MAP_MODES:
+            raise ValueError(f"unknown map mode {variant['map_mode']!r}; choose one of {MAP_MODES}")
+        get_method(variant["method"])
     started = time.perf_counter()
     adapter, source, target = resolve_family(family, source_base, target_base)
     resolved_map = _resolve_depth(adapter, source, target, layer_map)
@@ -383,46 +398,68 @@ def build_plan(
         original_source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items() if v.is_floating_point()}
         source = expand_module(source, adapter.blocks(source), adapter.block_prefix(source), resolved_map)
     token_alignment = token_alignment or adapter.default_token_alignment
-    source_rules = adapter.param_rules(source, map_mode)
-    target_rules = adapter.param_rules(target, map_mode)
-    source_state = {k: v for k, v in source.state_dict().items() if v.is_floating_point()}
-    target_state = {k: v for k, v in target.state_dict().items() if v.is_floating_point()}
-    rules: dict[str, ParamRule] = {}
-    for key, rule in source_rules.items():
-        if not rule.skipped and (key not in target_rules or target_rules[key].skipped):
-            rule = ParamRule(skip_reason="the target model has no transportable parameter of this name")
-        rules[key] = rule
-    spaces = set().union(*(rule.spaces() for rule in rules.values() if not rule.skipped))
+    rules_by_mode = {mode: _variant_rules(adapter, source, target, mode) for mode in {v["map_mode"] for v in variants}}
+    spaces = set().union(*(rule.spaces() for rules in rules_by_mode.values() for rule in rules.values() if not rule.skipped))
     statistics = collect_statistics(
         adapter, source, target, calibration, spaces, token_alignment,
-        with_grams=method_spec.needs_grams, memory_budget_bytes=memory_budget_bytes,
-        reduce_fn=reduce_fn, progress=progress,
+        with_grams=any(get_method(v["method"]).needs_grams for v in variants),
+        memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress,
     )
     collected = time.perf_counter()
-    options = MapOptions(center=center, rank_aware=map_mode == "rank_aware", rank_rtol=rank_rtol, ridge=ridge, seed=seed)
-    maps, ranks = build_maps(statistics, method, options, progress=progress)
+    source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items() if v.is_floating_point()}
+    target_shapes = {k: tuple(v.shape) for k, v in target.state_dict().items() if v.is_floating_point()}
+    plans, ranks = [], {}
+    for variant in variants:
+        rules = rules_by_mode[variant["map_mode"]]
+        needed = set().union(*(rule.spaces() for rule in rules.values() if not rule.skipped))
+        options = MapOptions(center=variant["center"], rank_aware=variant["map_mode"] == "rank_aware", rank_rtol=rank_rtol, ridge=ridge, seed=seed)
+        subset = StatisticsSet({space: statistics[space] for space in sorted(needed)})
+        maps, variant_ranks = build_maps(subset, variant["method"], options, progress=progress)
+        ranks.update(variant_ranks)
+        plans.append(TransportPlan(
+            family=adapter.name,
+            method=variant["method"],
+            maps=maps,
+            rules=rules,
+            source_shapes=source_shapes,
+            target_shapes=target_shapes,
+            metadata={
+                "map_mode": variant["map_mode"], "center": variant["center"], "token_alignment": token_alignment,
+                "rank_rtol": rank_rtol, "ridge": ridge, "seed": seed,
+                "calibration_tokens": {s: statistics[s].count for s in sorted(needed)},
+                "source": adapter.describe(source), "target": adapter.describe(target),
+            },
+            layer_map=resolved_map,
+            block_prefix=adapter.block_prefix(source) if resolved_map is not None else None,
+            original_source_shapes=original_source_shapes,
+        ))
     solved = time.perf_counter()
-    plan = TransportPlan(
-        family=adapter.name,
-        method=method,
-        maps=maps,
-        rules=rules,
-        source_shapes={k: tuple(v.shape) for k, v in source_state.items()},
-        target_shapes={k: tuple(v.shape) for k, v in target_state.items()},
-        metadata={
-            "map_mode": map_mode, "center": center, "token_alignment": token_alignment, "rank_rtol": rank_rtol,
-            "ridge": ridge, "seed": seed, "calibration_tokens": {s: statistics[s].count for s in statistics},
-            "source": adapter.describe(source), "target": adapter.describe(target),
-        },
-        layer_map=resolved_map,
-        block_prefix=adapter.block_prefix(source) if resolved_map is not None else None,
-        original_source_shapes=original_source_shapes,
-    )
     context = {
         "adapter": adapter, "source": source, "target": target, "ranks": ranks,
         "timings": {"statistics_s": collected - started, "maps_s": solved - collected},
     }
-    return plan, context
+    return plans, context
+
+
+def build_plan(
+    source_base: nn.Module,
+    target_base: nn.Module,
+    calibration: Iterable[Any],
+    family: Any = None,
+    method: str = "theseus",
+    map_mode: str = DEFAULT_MAP_MODE,
+    center: bool = False,
+    **options: Any,
+) -> tuple[TransportPlan, dict[str, Any]]:
+    """Compute the maps of one method between two base models; return the plan and context.
+
+    `options` are those of `build_plans` (token_alignment, layer_map, rank_rtol, ridge, seed,
+    memory_budget_bytes, reduce_fn, progress).
+    """
+    plans, context = build_plans(
+        source_base, target_base, calibration, [dict(method=method, map_mode=map_mode, center=center)], family=family, **options
+    )
+    return plans[0], context
 
 
 def transport(
