@@ -2,5 +2,6 @@
 
 from .steps_to_target import StepsToTarget
 from .theseus import TheseusCallback
+from .validate_at_start import ValidateAtStart
 
-__all__ = ["StepsToTarget", "TheseusCallback"]
+__all__ = ["StepsToTarget", "TheseusCallback", "ValidateAtStart"]

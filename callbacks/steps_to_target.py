@@ -1,4 +1,4 @@
-"""StepsToTarget: record the first optimizer step at which a monitored metric reaches a target."""
+"""StepsToTarget: record the first step at which a monitored validation metric reaches a target."""
 
 from __future__ import annotations
 
@@ -6,10 +6,26 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+
+def logging_step(trainer: L.Trainer) -> int:
+    """The step Lightning attaches to metrics logged now (what TensorBoard shows on its x axis).
+
+    Validation at the end of an epoch runs before the epoch loop counts the epoch's last batch, so
+    its metrics are logged at ``global_step - 1``; using the same number keeps this callback, the
+    logged curves and ``theseus compare`` in agreement.
+    """
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
 class StepsToTarget(Callback):
-    """Logs `steps_to_target/<metric>` once, at the first validation where `monitor` reaches `target`."""
+    """Logs ``steps_to_target/<monitor>`` once, at the first validation where ``monitor`` reaches ``target``.
+
+    ``reached_at`` is the logging step of that validation (the x value of the metric's point in the
+    logs); ``optimizer_steps`` is how many optimizer steps had been taken by then.
+    """
 
     def __init__(self, monitor: str = "val/acc", target: float = 0.9, mode: str = "max") -> None:
         super().__init__()
@@ -17,24 +33,31 @@ class StepsToTarget(Callback):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.monitor, self.target, self.mode = monitor, target, mode
         self.reached_at: int | None = None
+        self.optimizer_steps: int | None = None
 
     def _reached(self, value: float) -> bool:
         return value >= self.target if self.mode == "max" else value <= self.target
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check the monitored metric after each validation run."""
-        if self.reached_at is not None or trainer.sanity_checking:
+        """Check the monitored metric after each validation run of a fit."""
+        if self.reached_at is not None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is not None and self._reached(float(value)):
-            self.reached_at = trainer.global_step
+            self.reached_at, self.optimizer_steps = logging_step(trainer), trainer.global_step
             for logger in trainer.loggers:
-                logger.log_metrics({f"steps_to_target/{self.monitor}": float(self.reached_at)}, step=trainer.global_step)
+                logger.log_metrics({f"steps_to_target/{self.monitor}": float(self.reached_at)}, step=self.reached_at)
 
     def state_dict(self) -> dict[str, Any]:
         """The step at which the target was reached (None if not yet)."""
-        return {"reached_at": self.reached_at, "monitor": self.monitor, "target": self.target}
+        return {
+            "reached_at": self.reached_at,
+            "optimizer_steps": self.optimizer_steps,
+            "monitor": self.monitor,
+            "target": self.target,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the recorded step on resume."""
         self.reached_at = state_dict.get("reached_at")
+        self.optimizer_steps = state_dict.get("optimizer_steps")

@@ -10,6 +10,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from theseus_transport.families import load_base_encoder
 from theseus_transport.transport import (
@@ -22,15 +24,28 @@ from theseus_transport.transport.errors import CalibrationError
 
 log = logging.getLogger(__name__)
 
+TASK_PLACEHOLDER = "{task}"
+EVAL_FNS = (TrainerFn.VALIDATING, TrainerFn.TESTING, TrainerFn.PREDICTING)
+
 
 class TheseusCallback(Callback):
     """Adds the Theseus-transported task vector of a source model to the target encoder before training.
 
-    The transport runs in `setup(stage="fit")`, before Lightning restores a checkpoint and before the
-    strategy wraps the model, so a resumed fit (`ckpt_path`) keeps the checkpoint's weights and the
-    callback's restored state says what was applied. Under DDP each rank computes statistics on its
-    shard of the calibration batches; they are summed across ranks before the SVDs, so every rank
-    derives the same maps and ends with the same weights. Files on disk are only read.
+    Fit: the transport runs in ``on_fit_start``, after Lightning restored a checkpoint (``ckpt_path``)
+    and before the sanity check and the first step. A resumed fit finds the callback's restored state
+    (task-vector hash, method, alpha, batches) and applies nothing: the checkpoint's weights already
+    hold the update. (``setup`` would run before the restore, and Lightning only reveals ``ckpt_path``
+    after it, so a resume could not be told from a fresh start there.) Strategies that shard
+    parameters in their own setup (FSDP, DeepSpeed) get the transport in ``setup`` instead, while the
+    parameters are still whole; a resume then recomputes it and the restore overwrites it.
+
+    Evaluation: with ``apply_on_eval=True`` ``validate`` / ``test`` / ``predict`` apply it too (zero-shot
+    evaluation of target + transported update), unless this callback already applied it.
+
+    Under DDP each rank computes statistics on its shard of the calibration batches; they are summed
+    across ranks before the SVDs, so every rank derives the same maps and ends with the same weights.
+    Files on disk are only read. ``task_vector`` may contain ``{task}``, replaced by the datamodule's
+    task name, so one config serves every task.
     """
 
     def __init__(
@@ -47,6 +62,7 @@ class TheseusCallback(Callback):
         held_out_batches: int = 0,
         seed: int = 0,
         report_path: str | None = None,
+        apply_on_eval: bool = False,
     ) -> None:
         super().__init__()
         self.task_vector_path = task_vector
@@ -61,6 +77,7 @@ class TheseusCallback(Callback):
         self.held_out_batches = held_out_batches
         self.seed = seed
         self.report_path = report_path
+        self.apply_on_eval = apply_on_eval
         self.state: dict[str, Any] = {"applied": False}
         self.report: Any = None
         self.transported: dict[str, torch.Tensor] | None = None
@@ -78,15 +95,58 @@ class TheseusCallback(Callback):
         """Restore what was applied, so a resumed fit does not apply it again."""
         self.state = dict(state_dict)
 
+    # ----- when ---------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Transport and apply the task vector once, before checkpoint restore and device placement."""
-        if stage != "fit" or self.state.get("applied"):
+        """Sharding strategies only: transport now, while the parameters are still whole."""
+        if stage == "fit" and trainer.strategy.restore_checkpoint_after_setup and not self.state.get("applied"):
+            rank_zero_warn(
+                f"TheseusCallback: {type(trainer.strategy).__name__} restores checkpoints after setup, so the "
+                "transport runs in setup; a resumed fit recomputes it and the checkpoint's weights replace it"
+            )
+            self._transport_and_apply(trainer, pl_module)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Transport and apply once; a resumed fit (restored state) applies nothing."""
+        if self.state.get("applied"):
+            log.info("TheseusCallback: already applied (%s); not transporting again", self.state.get("task_vector"))
             return
         if trainer.ckpt_path is not None:
-            # resuming: the checkpoint's weights already contain the update; its state is restored next
-            log.info("TheseusCallback: resuming from %s, not transporting again", trainer.ckpt_path)
+            # the checkpoint has no state of this callback: it was not made with this transport
+            rank_zero_warn(
+                f"TheseusCallback: resuming from {trainer.ckpt_path}, which holds no state for {self.state_key}; "
+                "the transported update is not applied to a partly trained model"
+            )
             return
         self._transport_and_apply(trainer, pl_module)
+
+    def _on_eval_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.apply_on_eval and trainer.state.fn in EVAL_FNS and not self.state.get("applied"):
+            # evaluation loops run under inference mode; parameters must stay normal tensors
+            with torch.inference_mode(False):
+                self._transport_and_apply(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``validate`` with apply_on_eval: zero-shot evaluation of the transported target."""
+        self._on_eval_start(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``test`` with apply_on_eval: zero-shot evaluation of the transported target."""
+        self._on_eval_start(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``predict`` with apply_on_eval."""
+        self._on_eval_start(trainer, pl_module)
+
+    # ----- what ---------------------------------------------------------------------------------------------
+    def resolved_task_vector(self, trainer: L.Trainer) -> Path:
+        """The task-vector path with ``{task}`` replaced by the datamodule's task name."""
+        path = str(self.task_vector_path)
+        if TASK_PLACEHOLDER in path:
+            task = getattr(trainer.datamodule, "task_name", None)
+            if not task:
+                raise CalibrationError(f"task_vector {path!r} names {TASK_PLACEHOLDER} but the datamodule has no task_name")
+            path = path.replace(TASK_PLACEHOLDER, task)
+        return Path(path)
 
     def _calibration(self, trainer: L.Trainer, rank: int, world_size: int) -> Any:
         datamodule = trainer.datamodule
@@ -106,14 +166,13 @@ class TheseusCallback(Callback):
 
     def _transport_and_apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         family = getattr(pl_module, "family", None)
-        task_vector, info = load_task_vector(self.task_vector_path)
+        path = self.resolved_task_vector(trainer)
+        task_vector, info = load_task_vector(path)
         if info.get("family") not in (None, family):
-            raise FamilyMismatchError(
-                f"{self.task_vector_path} is a {info.get('family')!r} task vector; the module is {family!r}"
-            )
+            raise FamilyMismatchError(f"{path} is a {info.get('family')!r} task vector; the module is {family!r}")
         if info.get("model") not in (None, self.source_model):
             raise FamilyMismatchError(
-                f"{self.task_vector_path} was made from {info.get('model')!r}, but source_model is {self.source_model!r}"
+                f"{path} was made from {info.get('model')!r}, but source_model is {self.source_model!r}"
             )
         world_size, rank = trainer.world_size, trainer.global_rank
         device = trainer.strategy.root_device
@@ -141,7 +200,7 @@ class TheseusCallback(Callback):
         tokens = result.plan.metadata["calibration_tokens"]
         self.state = {
             "applied": True,
-            "task_vector": str(self.task_vector_path),
+            "task_vector": str(path),
             "task_vector_sha256": info.get("sha256"),
             "source_model": self.source_model,
             "source_pretrained": self.source_pretrained,
@@ -150,6 +209,7 @@ class TheseusCallback(Callback):
             "alpha": self.alpha,
             "calibration_batches_per_rank": len(calibration),
             "world_size": world_size,
+            # summed over ranks by the reduction, so the same on every rank
             "calibration_tokens": max(tokens.values()) if tokens else 0,
         }
         self._log_report(trainer)
@@ -164,14 +224,17 @@ class TheseusCallback(Callback):
         if report.alignment:
             metrics["theseus/cosine_before"] = sum(v["before"] for v in report.alignment.values()) / len(report.alignment)
             metrics["theseus/cosine_after"] = sum(v["after"] for v in report.alignment.values()) / len(report.alignment)
+        # flat keys with plain values: every logger (TensorBoard hparams, CSV yaml, W&B) takes them as they are
+        hyperparameters = {f"theseus/{k}": (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.state.items() if k != "applied"}
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=0)
-            logger.log_hyperparams({"theseus": {k: v for k, v in self.state.items() if k != "applied"}})
-        if trainer.is_global_zero:
-            path = self.report_path
-            if path is None and trainer.log_dir is not None:
-                path = str(Path(trainer.log_dir) / "theseus_report.json")
-            if path is not None:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_text(json.dumps(report.to_dict(), indent=2, default=str))
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_hyperparams(hyperparameters)
+        # trainer.log_dir broadcasts from rank 0: every rank must ask, or DDP deadlocks
+        log_dir = trainer.log_dir if trainer.loggers else None
+        path = self.report_path
+        if path is None and log_dir is not None:
+            path = str(Path(log_dir) / "theseus_report.json")
+        if trainer.is_global_zero and path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(report.to_dict(), indent=2, default=str))
         log.info("TheseusCallback applied %s\n%s", self.state, report.summary())

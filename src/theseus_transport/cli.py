@@ -11,8 +11,24 @@ from pathlib import Path
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def lightning_main(args: list[str]) -> None:
-    """Run LightningCLI with any LightningModule / LightningDataModule given by class path in YAML."""
+def named_cause(error: BaseException) -> BaseException | None:
+    """The first TheseusError in an exception's cause / context chain (None if there is none)."""
+    from .transport.errors import TheseusError
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, TheseusError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def lightning_main(args: list[str] | None = None) -> None:
+    """Run LightningCLI with any LightningModule / LightningDataModule given by class path in YAML.
+
+    ``args`` None reads the command line (LightningCLI warns when given both).
+    """
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
@@ -21,7 +37,21 @@ def lightning_main(args: list[str]) -> None:
     import theseus_transport.data  # noqa: F401
     import theseus_transport.modules  # noqa: F401
 
-    LightningCLI(
+    class TheseusCLI(LightningCLI):
+        """LightningCLI that lets a named error raised while building the model or data through."""
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except Exception as error:
+                # jsonargparse reports a constructor's error as "does not validate against any of the
+                # Union subtypes"; the OfflineError naming the missing weights is what the user needs
+                cause = named_cause(error)
+                if cause is None:
+                    raise
+                raise cause from error
+
+    TheseusCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -154,10 +184,18 @@ def demo_main(options: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `theseus` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        lightning_main(argv)
+        from .transport.errors import TheseusError
+
+        try:
+            lightning_main(None if from_command_line else argv)
+        except TheseusError as error:
+            # a named failure (offline weights, bad task vector, ...) reads better as one line than a traceback
+            print(f"theseus {argv[0]}: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
         return 0
     parser = argparse.ArgumentParser(prog="theseus", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,transport,compare,demo}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,35 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .calibration import CALIBRATION_PROTOCOLS, sample_k_batches, sample_k_shots
-from .sources import ZOO_PREFIX, load_dataset_dict
+from .sources import TOY_PREFIX, ZOO_PREFIX, load_dataset_dict
 from .splits import CALIBRATION_SPLIT, limit, standard_splits
+
+
+class EpochRandomSampler(RandomSampler):
+    """A seeded shuffle that depends only on (seed, epoch), so a resumed fit replays the same order.
+
+    A DataLoader's own generator advances from pass to pass, so after a restart the resumed epoch
+    would repeat epoch 0's order. Lightning calls ``set_epoch`` before every epoch (also on resume);
+    a plain loop without ``set_epoch`` still gets a new order per pass. Subclassing RandomSampler
+    lets Lightning swap in its seeded DistributedSampler under DDP as it does for ``shuffle=True``.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of this epoch."""
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        self.epoch += 1  # the next pass differs even when nobody calls set_epoch
+        return iter(order)
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -93,13 +118,14 @@ class TaskDataModule(L.LightningDataModule):
     @property
     def task_name(self) -> str:
         """Short task name: the zoo task, the registry name, or the last part of the id or path."""
-        if self.dataset.startswith(ZOO_PREFIX):
-            return self.dataset[len(ZOO_PREFIX) :]
+        for prefix in (ZOO_PREFIX, TOY_PREFIX):
+            if self.dataset.startswith(prefix):
+                return self.dataset[len(prefix) :]
         return Path(self.dataset.rstrip("/")).name
 
     # ----- splits ------------------------------------------------------------------------------------------
     def _is_remote(self) -> bool:
-        return self._raw is None and not Path(self.dataset).expanduser().exists()
+        return self._raw is None and not self.dataset.startswith(TOY_PREFIX) and not Path(self.dataset).expanduser().exists()
 
     def prepare_data(self) -> None:
         """Download (hub) or build (zoo) the dataset once, on the main process only."""
@@ -129,12 +155,10 @@ class TaskDataModule(L.LightningDataModule):
 
     # ----- dataloaders ------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochRandomSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self._collate(),
@@ -172,12 +196,38 @@ class TaskDataModule(L.LightningDataModule):
         batches = [indices[start : start + size] for start in range(0, len(indices), size)]
         return batches[rank::world_size]
 
+    def held_out_split(self) -> datasets.Dataset:
+        """The split held-out batches come from: validation, which never overlaps calibration examples."""
+        return self._ensure_splits()["val"]
+
+    def held_out_batches_for(self, batches: int = 1, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        """Seeded validation indices cut into ``batches`` batches of calibration_batch_size (this rank's share)."""
+        if batches < 1:
+            raise ValueError(f"need at least one held-out batch, got {batches}")
+        available = len(self.held_out_split())
+        size = self.calibration_batch_size
+        wanted = batches * size
+        if wanted > available:
+            warnings.warn(
+                f"{batches} held-out batches of {size} need {wanted} validation examples; using all {available}",
+                stacklevel=2,
+            )
+        # seeded like calibration, but over the validation split, so the two sets stay disjoint
+        generator = torch.Generator().manual_seed(int(self.calibration_seed))
+        indices = torch.randperm(available, generator=generator)[: min(wanted, available)].tolist()
+        return [indices[start : start + size] for start in range(0, len(indices), size)][rank::world_size]
+
     def _calibration_loader(
-        self, paired: Dataset, rank: int, world_size: int, collate_fn: Callable | None = None
+        self,
+        paired: Dataset,
+        rank: int,
+        world_size: int,
+        collate_fn: Callable | None = None,
+        batch_sampler: list[list[int]] | None = None,
     ) -> DataLoader:
         return DataLoader(
             paired,
-            batch_sampler=self.calibration_batches_for(rank, world_size),
+            batch_sampler=batch_sampler if batch_sampler is not None else self.calibration_batches_for(rank, world_size),
             num_workers=self.num_workers,
             collate_fn=collate_fn,
         )

@@ -201,6 +201,20 @@ class ImageClassificationDataModule(TaskDataModule):
         transform = self.target_transform(train=split == "train")
         return ImageLabelDataset(splits[split], self.image_column, self.label_column, transform)
 
+    def _paired(self, split: datasets.Dataset, source_model_name: str | None, source_pretrained: str | None) -> Dataset:
+        source_model_name = source_model_name or self.source_model_name
+        if source_pretrained is None and source_model_name == self.source_model_name:
+            source_pretrained = self.source_pretrained
+        if source_model_name is None:
+            raise ValueError("calibration needs the source model: set source_model_name on the datamodule or pass it here")
+        return PairedImageDataset(
+            split,
+            self.image_column,
+            self.label_column,
+            source_transform=openclip_image_transform(source_model_name, source_pretrained, train=False),
+            target_transform=openclip_image_transform(self.model_name, self.pretrained, train=False),
+        )
+
     def calibration_dataloader(
         self,
         source_model_name: str | None = None,
@@ -213,17 +227,19 @@ class ImageClassificationDataModule(TaskDataModule):
         The source model defaults to the datamodule's ``source_model_name``; a callback that knows
         the source model can pass it here instead. ``rank``/``world_size`` shard the batches.
         """
-        source_model_name = source_model_name or self.source_model_name
-        if source_pretrained is None and source_model_name == self.source_model_name:
-            source_pretrained = self.source_pretrained
-        if source_model_name is None:
-            raise ValueError("calibration needs the source model: set source_model_name on the datamodule or pass it here")
         self._ensure_splits()
-        paired = PairedImageDataset(
-            self.calibration_split(),
-            self.image_column,
-            self.label_column,
-            source_transform=openclip_image_transform(source_model_name, source_pretrained, train=False),
-            target_transform=openclip_image_transform(self.model_name, self.pretrained, train=False),
-        )
+        paired = self._paired(self.calibration_split(), source_model_name, source_pretrained)
         return self._calibration_loader(paired, rank, world_size)
+
+    def held_out_dataloader(
+        self,
+        source_model_name: str | None = None,
+        source_pretrained: str | None = None,
+        batches: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> DataLoader:
+        """Paired batches like calibration, drawn from the validation split (for the activation-cosine report)."""
+        self._ensure_splits()
+        paired = self._paired(self.held_out_split(), source_model_name, source_pretrained)
+        return self._calibration_loader(paired, rank, world_size, batch_sampler=self.held_out_batches_for(batches, rank, world_size))

@@ -10,6 +10,7 @@ import datasets
 from ..transport.errors import OfflineError
 
 ZOO_PREFIX = "zoo:"
+TOY_PREFIX = "toy:"  # offline text-pair tasks, see data/toy.py
 IMAGE_COLUMN_NAMES = ("image", "img", "png", "jpg", "pixel_values")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "target", "class")
 
@@ -54,9 +55,13 @@ def load_zoo_task(task: str, cache_dir: str | None = None) -> datasets.DatasetDi
 
 
 def load_dataset_dict(dataset: str, config: str | None = None, cache_dir: str | None = None) -> datasets.DatasetDict:
-    """Load ``zoo:<task>``, a folder written by ``save_to_disk``, or a hub id, as a DatasetDict."""
+    """Load ``zoo:<task>``, ``toy:<task>`` (offline text pairs), a ``save_to_disk`` folder, or a hub id."""
     if dataset.startswith(ZOO_PREFIX):
         return load_zoo_task(dataset[len(ZOO_PREFIX) :], cache_dir=cache_dir)
+    if dataset.startswith(TOY_PREFIX):
+        from .toy import load_toy_task
+
+        return load_toy_task(dataset[len(TOY_PREFIX) :])
     path = Path(dataset).expanduser()
     if path.exists():
         loaded = datasets.load_from_disk(str(path))

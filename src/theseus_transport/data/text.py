@@ -221,15 +221,48 @@ class TextPairDataModule(TaskDataModule):
     def _collate(self) -> PairTokenizer:
         return PairTokenizer(self.tokenizer(), self.max_length, self.text_template)
 
-    def calibration_dataloader(
-        self, source_tokenizer_name: str | None = None, rank: int = 0, world_size: int = 1
-    ) -> DataLoader:
-        """Paired calibration batches: the same examples tokenised by the source and the target tokenizer."""
-        source_name = source_tokenizer_name or self.source_tokenizer_name or self.tokenizer_name
-        self._ensure_splits()
-        paired = TextPairDataset(self.calibration_split(), self.columns, self.label_column, self.label_map)
+    def source_tokenizer_for(self, source_model_name: str | None = None, source_tokenizer_name: str | None = None) -> str:
+        """Name of the source tokenizer: explicit, the datamodule's, the source model's, else the target's."""
+        return source_tokenizer_name or self.source_tokenizer_name or source_model_name or self.tokenizer_name
+
+    def _paired(self, split: datasets.Dataset, source_name: str) -> tuple[Dataset, PairedTokenizer]:
+        paired = TextPairDataset(split, self.columns, self.label_column, self.label_map)
         collate = PairedTokenizer(
             PairTokenizer(self.tokenizer(source_name), self.max_length, self.text_template),
             PairTokenizer(self.tokenizer(), self.max_length, self.text_template),
         )
+        return paired, collate
+
+    def calibration_dataloader(
+        self,
+        source_model_name: str | None = None,
+        source_pretrained: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        source_tokenizer_name: str | None = None,
+    ) -> DataLoader:
+        """Paired calibration batches: the same examples tokenised by the source and the target tokenizer.
+
+        The source tokenizer is ``source_tokenizer_name``, else the datamodule's, else the one named
+        like ``source_model_name`` (what a callback passes; T5 sizes share one tokenizer), else the
+        target's. ``source_pretrained`` is accepted for the callback's uniform call and not needed.
+        """
+        self._ensure_splits()
+        paired, collate = self._paired(self.calibration_split(), self.source_tokenizer_for(source_model_name, source_tokenizer_name))
         return self._calibration_loader(paired, rank, world_size, collate_fn=collate)
+
+    def held_out_dataloader(
+        self,
+        source_model_name: str | None = None,
+        source_pretrained: str | None = None,
+        batches: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        source_tokenizer_name: str | None = None,
+    ) -> DataLoader:
+        """Paired batches like calibration, drawn from the validation split (for the activation-cosine report)."""
+        self._ensure_splits()
+        paired, collate = self._paired(self.held_out_split(), self.source_tokenizer_for(source_model_name, source_tokenizer_name))
+        return self._calibration_loader(
+            paired, rank, world_size, collate_fn=collate, batch_sampler=self.held_out_batches_for(batches, rank, world_size)
+        )

@@ -16,8 +16,10 @@ def _hub_offline() -> bool:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """Return a tokenizer for a hub id or local folder; ``byt5-offline`` builds ByT5's byte tokenizer."""
-    if name == OFFLINE_BYTE_TOKENIZER:
+    """Return a tokenizer for a hub id or local folder; ``byt5-offline`` (and the tiny T5 names) build ByT5's byte tokenizer."""
+    from ..families.t5 import TINY_T5_CONFIGS  # lazy: the tiny offline T5 models read bytes
+
+    if name == OFFLINE_BYTE_TOKENIZER or name in TINY_T5_CONFIGS:
         return ByT5Tokenizer()  # bytes need no vocabulary file, so this never downloads
     try:
         return AutoTokenizer.from_pretrained(name)

@@ -179,17 +179,24 @@ class EncoderClassifier(L.LightningModule):
             "freeze_encoder": self.freeze_encoder,
         }
 
+    def resolved_task_vector_out(self) -> Path | None:
+        """task_vector_out with ``{task}`` replaced by the task name (one config serves every task)."""
+        if self.task_vector_out is None:
+            return None
+        return Path(str(self.task_vector_out).replace("{task}", self.resolved_task_name()))
+
     def on_fit_start(self) -> None:
         """Refuse an existing task_vector_out now rather than after hours of training."""
-        if self.task_vector_out is not None and self.trainer.is_global_zero:
-            path = Path(self.task_vector_out)
+        path = self.resolved_task_vector_out()
+        if path is not None and self.trainer.is_global_zero:
             check_writable(path, sidecar_path(path), overwrite=self.overwrite)
 
     def on_fit_end(self) -> None:
         """Write the encoder task vector (rank zero only) when task_vector_out is set."""
-        if self.task_vector_out is None or not self.trainer.is_global_zero:
+        path = self.resolved_task_vector_out()
+        if path is None or not self.trainer.is_global_zero:
             return
         self.task_vector_path = write_task_vector(
-            self.task_vector_out, self.encoder, self.base_state, self.task_vector_metadata(), overwrite=self.overwrite
+            path, self.encoder, self.base_state, self.task_vector_metadata(), overwrite=self.overwrite
         )
         rank_zero_info(f"task vector written to {self.task_vector_path}")
