@@ -1,0 +1,280 @@
+"""`theseus demo`: the paper's story end to end on the offline family.
+
+Fine-tune the source on each task, transport its task vector to the wider target with Theseus and
+every baseline at several calibration sizes, evaluate zero-shot accuracy, and compare warm-start
+fine-tuning from Theseus against fine-tuning from the pretrained target with identical settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..transport import apply_task_vector, build_plans, load_task_vector, measure_alignment
+from ..transport.io import check_writable
+
+log = logging.getLogger(__name__)
+
+SOURCE_MODEL, TARGET_MODEL = "theseus-tiny-s", "theseus-tiny-w"
+
+# (row label, build_plans variant); the rows of the paper's Table 1 plus our map-mode ablation
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("Theseus (rank-aware)", dict(method="theseus", map_mode="rank_aware")),
+    ("Theseus (paper)", dict(method="theseus", map_mode="paper")),
+    ("Theseus (rank-aware, centered)", dict(method="theseus", map_mode="rank_aware", center=True)),
+    ("Zero-pad", dict(method="zero_pad")),
+    ("Random (equal norm)", dict(method="random")),
+    ("Random through maps", dict(method="random_maps")),
+    ("Pseudo-inverse", dict(method="pinv")),
+    ("Pseudo-inverse + ridge", dict(method="pinv_ridge")),
+    ("Decoupled least squares", dict(method="decoupled_ls")),
+    ("Decoupled, orthogonalised", dict(method="decoupled_orth")),
+)
+SWEPT_VARIANTS = ("Theseus (rank-aware)", "Theseus (paper)")
+ALPHA_GRID = tuple(round(0.25 * i, 2) for i in range(13))  # 0 .. 3
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs; `full()` and `quick()` are the two presets."""
+
+    tasks: tuple[str, ...]
+    calibration_batches: tuple[int, ...] = (1, 5, 20)
+    calibration_batch_size: int = 32
+    finetune_steps: int = 150
+    warm_start_steps: int = 150
+    eval_every: int = 10
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    warm_start_batches: int = 20
+    sweep_alpha: bool = True
+    family_steps: int | None = None  # None: the zoo's default recipe
+    seed: int = 0
+    variants: tuple[str, ...] = field(default_factory=lambda: tuple(label for label, _ in VARIANTS))
+
+    @classmethod
+    def full(cls) -> "DemoSettings":
+        """All eight tasks, 1 / 5 / 20 calibration batches, alpha sweep."""
+        from .world import TASKS
+
+        return cls(tasks=tuple(TASKS))
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        """Two tasks, fewer steps and batches: a few minutes, for CI and the notebook."""
+        return cls(
+            tasks=("shapes", "colors"), calibration_batches=(1, 5), finetune_steps=40, warm_start_steps=40,
+            eval_every=10, warm_start_batches=5, sweep_alpha=False, family_steps=150,
+        )
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def accuracy(classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> float:
+    """Top-1 accuracy of an ImageClassifier on preprocessed images."""
+    classifier.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        logits = classifier(images[start : start + batch_size])
+        correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
+    return correct / len(labels)
+
+
+def _stack(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*((batch[0], batch[1]) for batch in loader))
+    return torch.cat(images), torch.cat(labels)
+
+
+class TaskBench:
+    """A task's data and the target's zero-shot classifier, with its pretrained encoder kept aside."""
+
+    def __init__(self, task: str, settings: DemoSettings) -> None:
+        from ..data import ImageClassificationDataModule
+        from ..modules import ImageClassifier
+
+        self.task, self.settings = task, settings
+        self.datamodule = ImageClassificationDataModule(
+            f"zoo:{task}", model_name=TARGET_MODEL, source_model_name=SOURCE_MODEL, batch_size=settings.batch_size,
+            calibration_batches=max(settings.calibration_batches), calibration_batch_size=settings.calibration_batch_size,
+            calibration_seed=settings.seed, seed=settings.seed,
+        )
+        self.datamodule.setup("fit")
+        self.classifier = ImageClassifier(TARGET_MODEL, head="zeroshot", classnames=self.datamodule.classnames,
+                                          templates=self.datamodule.templates)
+        self.base_state = {k: v.clone() for k, v in self.classifier.encoder.state_dict().items()}
+        self.val = _stack(self.datamodule.val_dataloader())
+        self.test = _stack(self.datamodule.test_dataloader())
+        self.calibration = list(self.datamodule.calibration_dataloader())
+        self.held_out = list(self.datamodule.held_out_dataloader(batches=2))
+
+    def evaluate(self, task_vector: dict[str, torch.Tensor] | None, alpha: float = 1.0, split: str = "test") -> float:
+        """Accuracy of the target with `alpha * task_vector` added (None: the pretrained target)."""
+        self.classifier.encoder.load_state_dict(self.base_state)
+        if task_vector is not None:
+            apply_task_vector(self.classifier.encoder, task_vector, alpha)
+        images, labels = self.val if split == "val" else self.test
+        accuracy_value = accuracy(self.classifier, images, labels)
+        self.classifier.encoder.load_state_dict(self.base_state)
+        return accuracy_value
+
+
+# ---- fine-tuning through the Lightning suite ------------------------------------------------------
+
+def finetune(
+    model_name: str, task: str, steps: int, run_dir: Path, settings: DemoSettings,
+    task_vector_out: Path | None = None, warm_start_from: Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `model_name` on a zoo task with the suite's module, datamodule and callbacks."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ..callbacks import TheseusCallback, ValidateAtStart
+    from ..data import ImageClassificationDataModule
+    from ..modules import ImageClassifier
+
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    datamodule = ImageClassificationDataModule(
+        f"zoo:{task}", model_name=model_name, source_model_name=SOURCE_MODEL, batch_size=settings.batch_size,
+        calibration_batches=settings.warm_start_batches, calibration_batch_size=settings.calibration_batch_size,
+        calibration_seed=settings.seed, seed=settings.seed,
+    )
+    module = ImageClassifier(
+        model_name, head="zeroshot", lr=settings.lr, warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay, max_steps=steps, task_name=task,
+        task_vector_out=None if task_vector_out is None else str(task_vector_out),
+    )
+    callbacks: list[Any] = [ValidateAtStart()]
+    if warm_start_from is not None:
+        callbacks.insert(0, TheseusCallback(task_vector=str(warm_start_from), source_model=SOURCE_MODEL, held_out_batches=1))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, val_check_interval=settings.eval_every,
+        check_val_every_n_epoch=None, logger=TensorBoardLogger(str(run_dir), name="", version=""),
+        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, deterministic=True,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(module, datamodule=datamodule)
+    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    return {"run_dir": str(run_dir), "test_acc": float(test["test/acc"]), "steps": int(trainer.global_step)}
+
+
+# ---- the demo --------------------------------------------------------------------------------------
+
+def _variant(label: str) -> dict[str, Any]:
+    return dict(VARIANTS)[label]
+
+
+def transport_task(bench: TaskBench, task_vector: dict[str, torch.Tensor], settings: DemoSettings) -> dict[str, Any]:
+    """Transport one task vector with every variant at every calibration size and evaluate."""
+    from ..families import load_base_encoder
+
+    source = load_base_encoder("openclip", SOURCE_MODEL)
+    target = bench.classifier.encoder
+    results: dict[str, Any] = {}
+    for batches in settings.calibration_batches:
+        labels = list(settings.variants)
+        started = time.perf_counter()
+        plans, context = build_plans(source, target, bench.calibration[:batches], [_variant(l) for l in labels],
+                                     family="openclip", seed=settings.seed, progress=False)
+        per_variant = {}
+        for label, plan in zip(labels, plans):
+            transported, norms, _ = plan.apply(task_vector, seed=settings.seed)
+            entry = {"test_acc": bench.evaluate(transported)}
+            if settings.sweep_alpha and label in SWEPT_VARIANTS:
+                val = {alpha: bench.evaluate(transported, alpha, split="val") for alpha in ALPHA_GRID}
+                best = max(val, key=lambda a: (val[a], -abs(a - 1.0)))
+                entry.update(best_alpha=best, swept_test_acc=bench.evaluate(transported, best), val_by_alpha=val)
+            if label == "Theseus (rank-aware)" and batches == max(settings.calibration_batches):
+                entry["alignment"] = measure_alignment(context["adapter"], context["source"], context["target"],
+                                                       plan.maps, bench.held_out, plan.metadata["token_alignment"])
+            entry["mean_norm_ratio"] = sum(k.norm_ratio for k in norms) / max(len(norms), 1)
+            per_variant[label] = entry
+        results[str(batches)] = {"variants": per_variant, "seconds": time.perf_counter() - started}
+        log.info("%s, %d batches: %s", bench.task, batches, {l: round(v["test_acc"], 3) for l, v in per_variant.items()})
+    return results
+
+
+def run_demo(output_dir: str | os.PathLike = "outputs/demo", quick: bool = False, overwrite: bool = False,
+             cache_dir: str | os.PathLike | None = None, settings: DemoSettings | None = None) -> dict[str, Any]:
+    """Run the demo and write results.json, results.md and convergence plots under `output_dir`."""
+    from ..compare import compare_runs
+    from . import family
+    from .report import write_markdown
+
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings.full())
+    output = Path(output_dir)
+    check_writable(output / "results.json", output / "results.md", overwrite=overwrite)
+    if cache_dir is not None:
+        os.environ["THESEUS_CACHE"] = str(Path(cache_dir).expanduser())
+    if settings.family_steps is not None and "THESEUS_CACHE_QUICK_SHARED" not in os.environ:
+        # a quick family has its own cache folder: it must never replace a fully trained one
+        os.environ["THESEUS_CACHE"] = str(family.default_cache_dir() / f"quick-{settings.family_steps}")
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    family.build_family(steps=settings.family_steps, members=(SOURCE_MODEL, TARGET_MODEL))
+    results: dict[str, Any] = {"settings": asdict(settings), "tasks": {}}
+    for task in settings.tasks:
+        task_started = time.perf_counter()
+        task_dir = output / "runs" / task
+        source_vector_path = output / "task_vectors" / SOURCE_MODEL / f"{task}.safetensors"
+        for path in (source_vector_path, source_vector_path.with_suffix(".json")):
+            if overwrite:
+                path.unlink(missing_ok=True)
+        source_run = finetune(SOURCE_MODEL, task, settings.finetune_steps, task_dir / "source_finetune", settings,
+                              task_vector_out=source_vector_path)
+        task_vector, _ = load_task_vector(source_vector_path)
+        bench = TaskBench(task, settings)
+        entry: dict[str, Any] = {
+            "source_finetuned_test_acc": source_run["test_acc"],
+            "target_zeroshot_test_acc": bench.evaluate(None),
+            "transport": transport_task(bench, task_vector, settings),
+        }
+        baseline = finetune(TARGET_MODEL, task, settings.warm_start_steps, task_dir / "target_finetune", settings)
+        warm = finetune(TARGET_MODEL, task, settings.warm_start_steps, task_dir / "target_warmstart_theseus", settings,
+                        warm_start_from=source_vector_path)
+        entry["target_finetuned_test_acc"] = baseline["test_acc"]
+        entry["warm_start"] = _warm_start_summary(baseline, warm, output / "plots" / f"{task}.png", compare_runs, overwrite)
+        entry["seconds"] = time.perf_counter() - task_started
+        results["tasks"][task] = entry
+        log.info("demo: %s done in %.0fs", task, entry["seconds"])
+    results["seconds"] = time.perf_counter() - started
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    markdown = write_markdown(results, output / "results.md")
+    print(markdown)
+    print(f"\nwrote {output / 'results.json'}, {output / 'results.md'} and plots in {output / 'plots'} "
+          f"({results['seconds'] / 60:.1f} min)")
+    return results
+
+
+def _warm_start_summary(baseline: dict[str, Any], warm: dict[str, Any], plot: Path, compare_runs: Any, overwrite: bool) -> dict[str, Any]:
+    from ..compare import read_scalars, steps_to_target
+
+    baseline_curve = read_scalars(baseline["run_dir"])["val/acc"]
+    warm_curve = read_scalars(warm["run_dir"])["val/acc"]
+    target = baseline_curve[-1][1]  # the accuracy the baseline fine-tune has at its final step
+    summary = compare_runs([warm["run_dir"], baseline["run_dir"]], plot, target=target, overwrite=True,
+                           labels=["warm start (Theseus)", "from pretrained target"])
+    return {
+        "target_val_acc": target,
+        "baseline_steps": baseline["steps"],
+        "baseline_steps_to_target": steps_to_target(baseline_curve, target),
+        "warm_steps_to_target": steps_to_target(warm_curve, target),
+        "warm_val_acc_at_start": warm_curve[0][1],
+        "baseline_val_acc_at_start": baseline_curve[0][1],
+        "warm_test_acc": warm["test_acc"],
+        "plot": str(plot),
+        "compare": summary,
+    }

@@ -1,0 +1,101 @@
+"""Markdown tables of the demo's results, in the paper's layout (methods x tasks, average last)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+SOURCE, TARGET = "theseus-tiny-s", "theseus-tiny-w"
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _row(label: str, values: list[float]) -> str:
+    cells = " | ".join(f"{100 * v:.1f}" for v in values)
+    return f"| {label} | {cells} | **{100 * _mean(values):.1f}** |"
+
+
+def accuracy_rows(results: dict[str, Any], batches: str) -> list[tuple[str, list[float]]]:
+    """Return (label, per-task accuracy) rows for one calibration size."""
+    tasks = results["tasks"]
+    names = list(tasks)
+    rows = [("Target zero-shot", [tasks[t]["target_zeroshot_test_acc"] for t in names])]
+    labels = list(tasks[names[0]]["transport"][batches]["variants"])
+    for label in labels:
+        rows.append((f"Target + {label}, α=1", [tasks[t]["transport"][batches]["variants"][label]["test_acc"] for t in names]))
+    for label in labels:
+        if "swept_test_acc" in tasks[names[0]]["transport"][batches]["variants"][label]:
+            rows.append((f"Target + {label}, α swept on val",
+                         [tasks[t]["transport"][batches]["variants"][label]["swept_test_acc"] for t in names]))
+    rows.append(("Target fine-tuned (upper bound)", [tasks[t]["target_finetuned_test_acc"] for t in names]))
+    rows.append(("Source fine-tuned", [tasks[t]["source_finetuned_test_acc"] for t in names]))
+    return rows
+
+
+def gap_recovered(results: dict[str, Any], batches: str, label: str, key: str = "test_acc") -> float:
+    """Share of the zero-shot -> fine-tuned gap of the target that a variant recovers, task-averaged."""
+    tasks = results["tasks"].values()
+    zero_shot = _mean([t["target_zeroshot_test_acc"] for t in tasks])
+    finetuned = _mean([t["target_finetuned_test_acc"] for t in tasks])
+    transported = _mean([t["transport"][batches]["variants"][label][key] for t in tasks])
+    return (transported - zero_shot) / (finetuned - zero_shot)
+
+
+def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> str:
+    """Write the demo's tables to `path` and return the Markdown text."""
+    tasks = list(results["tasks"])
+    header = "| | " + " | ".join(tasks) + " | Avg |\n|---|" + "---|" * (len(tasks) + 1)
+    lines = ["# theseus demo results", "",
+             f"{SOURCE} -> {TARGET}, test accuracy (%), {len(tasks)} tasks; settings in results.json.", ""]
+    for batches in results["tasks"][tasks[0]]["transport"]:
+        lines += [f"## {batches} calibration batch(es) of {results['settings']['calibration_batch_size']} images", "", header]
+        lines += [_row(label, values) for label, values in accuracy_rows(results, batches)]
+        recovered = {label: gap_recovered(results, batches, label)
+                     for label in results["tasks"][tasks[0]]["transport"][batches]["variants"]}
+        lines += ["", "Gap recovered (target zero-shot -> target fine-tuned), α=1: "
+                  + ", ".join(f"{label} {100 * value:.0f} %" for label, value in recovered.items()), ""]
+    lines += ["## Warm start", "",
+              "Steps for the target to reach the validation accuracy that fine-tuning from the pretrained target has at its "
+              "final step; same settings and seed.", "",
+              "| task | target val acc | from pretrained: steps run / first reached | from Theseus: steps to target | ratio | val acc at step 0 (pretrained / Theseus) |",
+              "|---|---|---|---|---|---|"]
+    ratios = []
+    for task in tasks:
+        warm = results["tasks"][task]["warm_start"]
+        steps = warm["warm_steps_to_target"]
+        ratio = None if steps is None else steps / warm["baseline_steps"]
+        if ratio is not None:
+            ratios.append(ratio)
+        lines.append(
+            f"| {task} | {100 * warm['target_val_acc']:.1f} | {warm['baseline_steps']} / {warm['baseline_steps_to_target']} | "
+            f"{steps if steps is not None else 'not reached'} | {'' if ratio is None else f'{ratio:.2f}'} | "
+            f"{100 * warm['baseline_val_acc_at_start']:.1f} / {100 * warm['warm_val_acc_at_start']:.1f} |"
+        )
+    reached = f"{len(ratios)} of {len(tasks)} tasks reached the target"
+    lines += ["", f"Average ratio (steps from Theseus / steps of the baseline run) over tasks that reached it: "
+              f"{_mean(ratios):.2f}; {reached}.", ""]
+    alignment = _alignment_table(results)
+    if alignment:
+        lines += ["## Alignment (paper Sec. 4.7)", "",
+                  "Mean cosine similarity of paired source/target activations on held-out images, before "
+                  "(zero-pad / crop) and after the Theseus maps, averaged over tasks.", "",
+                  "| capture point | before | after |", "|---|---|---|"]
+        lines += [f"| {space} | {before:.3f} | {after:.3f} |" for space, (before, after) in alignment.items()]
+    text = "\n".join(lines) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    return text
+
+
+def _alignment_table(results: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    collected: dict[str, list[tuple[float, float]]] = {}
+    for task in results["tasks"].values():
+        largest = max(task["transport"], key=int)
+        alignment = task["transport"][largest]["variants"].get("Theseus (rank-aware)", {}).get("alignment", {})
+        for space, values in alignment.items():
+            collected.setdefault(space, []).append((values["before"], values["after"]))
+    return {space: (_mean([b for b, _ in pairs]), _mean([a for _, a in pairs])) for space, pairs in sorted(collected.items())}
+

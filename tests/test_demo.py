@@ -1,0 +1,45 @@
+"""`theseus demo --quick` and the quickstart notebook run offline end to end (issue 4; slow: minutes)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from theseus_transport.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_results_table_and_plots(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"shapes", "colors"}
+    for task, entry in results["tasks"].items():
+        for batches, block in entry["transport"].items():
+            assert "Theseus (rank-aware)" in block["variants"] and "Theseus (paper)" in block["variants"]
+            for variant in block["variants"].values():
+                assert 0.0 <= variant["test_acc"] <= 1.0
+        with Image.open(entry["warm_start"]["plot"]) as plot:
+            assert plot.size[0] > 100
+    table = (out / "results.md").read_text()
+    assert "Theseus (paper)" in table and "Warm start" in table
+    with pytest.raises(FileExistsError):
+        from theseus_transport.zoo.demo import run_demo
+
+        run_demo(output_dir=out, quick=True)  # refuses to overwrite earlier results
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    assert any("image/png" in output.get("data", {}) for output in outputs), "plots must be inline"
+    assert not any(output.get("output_type") == "error" for output in outputs)
