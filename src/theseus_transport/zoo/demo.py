@@ -209,18 +209,32 @@ def transport_task(bench: TaskBench, task_vector: dict[str, torch.Tensor], setti
 def run_demo(output_dir: str | os.PathLike = "outputs/demo", quick: bool = False, overwrite: bool = False,
              cache_dir: str | os.PathLike | None = None, settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the demo and write results.json, results.md and convergence plots under `output_dir`."""
-    from ..compare import compare_runs
     from . import family
-    from .report import write_markdown
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings.full())
     output = Path(output_dir)
     check_writable(output / "results.json", output / "results.md", overwrite=overwrite)
-    if cache_dir is not None:
-        os.environ["THESEUS_CACHE"] = str(Path(cache_dir).expanduser())
-    if settings.family_steps is not None and "THESEUS_CACHE_QUICK_SHARED" not in os.environ:
-        # a quick family has its own cache folder: it must never replace a fully trained one
-        os.environ["THESEUS_CACHE"] = str(family.default_cache_dir() / f"quick-{settings.family_steps}")
+    saved_cache = os.environ.get("THESEUS_CACHE")
+    try:
+        if cache_dir is not None:
+            os.environ["THESEUS_CACHE"] = str(Path(cache_dir).expanduser())
+        if settings.family_steps is not None:
+            # a quick family lives in its own cache folder: it must never replace a fully trained one
+            os.environ["THESEUS_CACHE"] = str(family.default_cache_dir() / f"quick-{settings.family_steps}")
+        return _run(settings, output, overwrite)
+    finally:
+        if saved_cache is None:
+            os.environ.pop("THESEUS_CACHE", None)
+        else:
+            os.environ["THESEUS_CACHE"] = saved_cache
+
+
+def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any]:
+    """The demo itself, with the cache already chosen."""
+    from ..compare import compare_runs
+    from . import family
+    from .report import write_markdown
+
     started = time.perf_counter()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     family.build_family(steps=settings.family_steps, members=(SOURCE_MODEL, TARGET_MODEL))

@@ -50,13 +50,12 @@ SIZES: dict[str, int] = {"small": 4, "medium": 7, "large": 11}
 COUNT_WORDS = ("one", "two", "three", "four")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 GLYPHS = ("A", "E", "H", "K", "R", "X", "2", "3", "5", "7")
-# Background colours are muted so that no object colour is ever mistaken for the background.
+# Backgrounds share the object colour words (a slightly darker shade, never the objects' own colour),
+# so "red" alone does not say whether the objects or the background are red: like real CLIP models,
+# the family must bind colour words to their roles, which zero-shot prompts only partly manage.
+BACKGROUND_SHADE = 0.72
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "black": (15, 15, 15),
-    "white": (240, 240, 240),
-    "gray": (125, 125, 125),
-    "brown": (105, 65, 35),
-    "navy": (20, 28, 80),
+    name: tuple(int(c * BACKGROUND_SHADE) for c in rgb) for name, rgb in COLORS.items()  # type: ignore[misc]
 }
 # The glyph occupies a disc of this radius (pixels at IMAGE_SIZE) when placing objects.
 GLYPH_RADIUS = 8
@@ -157,7 +156,7 @@ TASKS: dict[str, TaskSpec] = {
             attribute="background",
             classnames=tuple(BACKGROUNDS),
             templates=("a photo of an object on a {} background.", "an image on a {} background.", "a {} background."),
-            description="The background colour (5 classes).",
+            description="The background colour (6 classes, the object colour words).",
         ),
     )
 }
@@ -265,6 +264,17 @@ def _in_quadrant(x: float, y: float, quadrant: str) -> bool:
     return in_rows and in_cols
 
 
+def _sample_color_pair(rng: np.random.Generator, constraints: Mapping[str, Any]) -> tuple[str, str]:
+    """Object colour and a different background colour, each within its allowed values."""
+    backgrounds = tuple(constraints.get("background", BACKGROUNDS))
+    colors = tuple(constraints.get("color", COLORS))
+    if len(backgrounds) == 1:
+        colors = tuple(c for c in colors if c != backgrounds[0])
+    color = _choice(rng, colors)
+    background = _choice(rng, tuple(b for b in backgrounds if b != color))
+    return color, background
+
+
 def sample_scene(rng: np.random.Generator, constraints: Mapping[str, Any] | None = None) -> Scene:
     """Draw a random scene; `constraints` maps attribute names to allowed values (or has_glyph)."""
     constraints = dict(constraints or {})
@@ -284,13 +294,14 @@ def sample_scene(rng: np.random.Generator, constraints: Mapping[str, Any] | None
         centers = _place_discs(rng, radii, first_quadrant=quadrant)
         if centers is None:
             continue  # rare: the draw does not fit; draw again (still deterministic)
+        color, background = _sample_color_pair(rng, constraints)
         return Scene(
             shape=_choice(rng, constraints.get("shape", SHAPES)),
-            color=_choice(rng, constraints.get("color", tuple(COLORS))),
+            color=color,
             texture=_choice(rng, constraints.get("texture", TEXTURES)),
             size=size,
             count=count,
-            background=_choice(rng, constraints.get("background", tuple(BACKGROUNDS))),
+            background=background,
             glyph=_choice(rng, constraints.get("glyph", GLYPHS)) if has_glyph else None,
             centers=tuple(centers[:count]),
             glyph_center=centers[count] if has_glyph else None,
@@ -370,7 +381,8 @@ def _glyph_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def _glyph_ink(background: str) -> tuple[int, int, int]:
     """Black ink on light backgrounds, white ink on dark ones."""
-    return (0, 0, 0) if sum(BACKGROUNDS[background]) > 3 * 128 else (255, 255, 255)
+    red, green, blue = BACKGROUNDS[background]
+    return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > 110 else (255, 255, 255)
 
 
 def render_scene(scene: Scene) -> Image.Image:
@@ -393,6 +405,11 @@ def render_scene(scene: Scene) -> Image.Image:
 # ---------------------------------------------------------------------------------------------
 
 
+def _article(word: str) -> str:
+    """'an' before a vowel, else 'a'."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _plural(noun: str, count: int) -> str:
     """English plural for our nouns (cross -> crosses)."""
     if count == 1:
@@ -400,29 +417,42 @@ def _plural(noun: str, count: int) -> str:
     return noun + ("es" if noun.endswith(("s", "x")) else "s")
 
 
+CAPTION_ATTRIBUTES = ("count", "size", "color", "texture", "shape", "position", "glyph", "background")
+# How often a multi-attribute caption names each attribute.
+MENTION_PROBABILITY = {
+    "count": 0.5, "size": 0.4, "color": 0.5, "texture": 0.4, "shape": 0.6, "position": 0.5, "glyph": 0.6,
+    "background": 0.5,
+}
+# Share of captions naming a single attribute. Without them the easy attributes (colours) separate
+# most of a batch and the contrastive loss barely rewards learning shapes, counts or glyphs.
+SINGLE_ATTRIBUTE_SHARE = 0.5
+
+
 def caption_scene(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming a random subset of the scene's attributes, in one of several phrasings."""
-    keep = lambda p: bool(rng.random() < p)  # noqa: E731 - a one-word helper reads best here
-    words: list[str] = []
-    if keep(0.5):
-        words.append(COUNT_WORDS[scene.count - 1])
-    if keep(0.4):
-        words.append(scene.size)
-    if keep(0.5):
-        words.append(scene.color)
-    if keep(0.4):
-        words.append(scene.texture)
-    noun = scene.shape if keep(0.6) else _choice(rng, ("object", "shape", "thing"))
+    """A caption naming one or a random subset of the scene's attributes, in one of several phrasings."""
+    present = [a for a in CAPTION_ATTRIBUTES if scene.attribute(a) is not None]
+    if rng.random() < SINGLE_ATTRIBUTE_SHARE:
+        named = {_choice(rng, present)}
+    else:
+        named = {a for a in present if rng.random() < MENTION_PROBABILITY[a]}
+    return describe_scene(scene, named, rng)
+
+
+def describe_scene(scene: Scene, named: set[str], rng: np.random.Generator) -> str:
+    """A caption naming exactly the attributes in `named` (nouns and prefix drawn from `rng`)."""
+    words = [COUNT_WORDS[scene.count - 1]] if "count" in named else []
+    words += [getattr(scene, a) for a in ("size", "color", "texture") if a in named]
+    noun = scene.shape if "shape" in named else _choice(rng, ("object", "shape", "thing"))
     words.append(_plural(noun, scene.count))
-    if words[0] not in COUNT_WORDS:
-        words.insert(0, ("an" if words[0][0] in "aeiou" else "a") if scene.count == 1 else "some")
+    if "count" not in named:
+        words.insert(0, _article(words[0]) if scene.count == 1 else "some")
     phrase = " ".join(words)
-    if scene.position is not None and keep(0.5):
+    if "position" in named:
         phrase += f" in the {scene.position}"
-    if scene.glyph is not None and keep(0.6):
+    if "glyph" in named:
         phrase += f" with the {glyph_phrase(scene.glyph)}"
-    if keep(0.5):
-        phrase += f" on a {scene.background} background"
+    if "background" in named:
+        phrase += f" on {_article(scene.background)} {scene.background} background"
     prefix = _choice(rng, CAPTION_PREFIXES)
     return f"{prefix} {phrase}.".strip()
 
