@@ -1,0 +1,42 @@
+"""`theseus transport` end to end on an offline T5 pair: files written, report, refusal to overwrite."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from theseus_transport.cli import main
+from theseus_transport.families import load_t5_encoder
+from theseus_transport.transport import load_task_vector, save_task_vector
+
+
+def test_transport_cli_writes_vector_sidecar_report_and_refuses_overwrite(tmp_path, capsys):
+    source = load_t5_encoder("t5-tiny-offline")
+    generator = torch.Generator().manual_seed(0)
+    task_vector = {k: 0.01 * torch.randn(v.shape, generator=generator) for k, v in source.state_dict().items()
+                   if ".SelfAttention.q." in k or ".wo." in k or k == "shared.weight"}
+    source_path = save_task_vector(tmp_path / "tv.safetensors", task_vector, {"family": "t5", "model": "t5-tiny-offline", "task": "toy"})
+    output = tmp_path / "out" / "tv_wide.safetensors"
+    args = ["transport", "--family", "t5", "--source-model", "t5-tiny-offline", "--target-model", "t5-tiny-offline-wide",
+            "--task-vector", str(source_path), "--dataset", "toy:objects", "--calibration-batches", "2",
+            "--calibration-batch-size", "8", "--output", str(output), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "shared.weight" in printed  # the report names what was not transported
+    tensors, sidecar = load_task_vector(output)
+    wide = load_t5_encoder("t5-tiny-offline-wide").state_dict()
+    assert set(tensors) == set(task_vector) - {"shared.weight"}
+    assert all(tensors[k].shape == wide[k].shape for k in tensors)
+    assert sidecar["model"] == "t5-tiny-offline-wide" and sidecar["transported_from"]["sha256"]
+    report = json.loads(output.with_suffix(".report.json").read_text())
+    # rank-aware: never more than the source norm; exactly the norm where the maps are full rank
+    # (block 0 sees few distinct byte tokens, so its layer-norm space is rank-deficient and reported)
+    assert all(k["norm_ratio"] <= 1 + 1e-6 for k in report["keys"])
+    assert all(abs(k["norm_ratio"] - 1) < 1e-6 for k in report["keys"] if ".wo." in k["key"])
+    assert any(v["rank"] < v["full_rank"] for v in report["ranks"].values())
+    assert report["alignment"], "held-out cosine before/after is reported"
+    before = output.read_bytes()
+    assert main(args) == 1  # exists: refused, untouched
+    assert "OutputExistsError" in capsys.readouterr().err
+    assert output.read_bytes() == before
