@@ -189,6 +189,7 @@ def pretrain_member(
     recipe: PretrainRecipe,
     seed: int,
     progress: bool = True,
+    step_callback: Callable[[int, open_clip.CLIP], None] | None = None,
 ) -> tuple[open_clip.CLIP, list[float]]:
     """Train one member from random init with the CLIP loss; returns the model and per-step losses.
 
@@ -221,7 +222,9 @@ def pretrain_member(
         with torch.no_grad():
             # as in OpenCLIP training: the temperature may not exceed 100
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(loss.item())
+        if step_callback is not None:
+            step_callback(step + 1, model)
         if progress and (step + 1) % report_every == 0:
             recent = sum(losses[-report_every:]) / len(losses[-report_every:])
             print(f"  [{name}] step {step + 1}/{recipe.steps} loss {recent:.3f} ({time.perf_counter() - started:.0f}s)",

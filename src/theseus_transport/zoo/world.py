@@ -46,7 +46,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 # Radii in pixels at IMAGE_SIZE.
-SIZES: dict[str, int] = {"small": 4, "medium": 7, "large": 11}
+SIZES: dict[str, int] = {"small": 6, "medium": 9, "large": 13}
+# Most objects of one size that fit in a 48 px scene without overlapping.
+MAX_COUNT = {"small": 4, "medium": 3, "large": 1}
 COUNT_WORDS = ("one", "two", "three", "four")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 GLYPHS = ("A", "E", "H", "K", "R", "X", "2", "3", "5", "7")
@@ -275,16 +277,22 @@ def _sample_color_pair(rng: np.random.Generator, constraints: Mapping[str, Any])
     return color, background
 
 
+def _sample_size_and_count(rng: np.random.Generator, constraints: Mapping[str, Any]) -> tuple[str, int]:
+    """Object size and count within their allowed values, never more objects than fit."""
+    counts = tuple(constraints.get("count", (1, 2, 3, 4)))
+    sizes = [s for s in constraints.get("size", SIZES) if any(c <= MAX_COUNT[s] for c in counts)]
+    if not sizes:
+        raise ValueError(f"no object size fits the constraints {dict(constraints)}")
+    size = _choice(rng, sizes)
+    count = _choice(rng, [c for c in counts if c <= MAX_COUNT[size]])
+    return size, count
+
+
 def sample_scene(rng: np.random.Generator, constraints: Mapping[str, Any] | None = None) -> Scene:
     """Draw a random scene; `constraints` maps attribute names to allowed values (or has_glyph)."""
     constraints = dict(constraints or {})
     while True:
-        count = _choice(rng, constraints.get("count", (1, 2, 3, 4)))
-        sizes = constraints.get("size", tuple(SIZES))
-        if count >= 3:
-            # four large discs do not fit in 48 px; the world simply has no crowds of large objects
-            sizes = tuple(s for s in sizes if s != "large") or sizes
-        size = _choice(rng, sizes)
+        size, count = _sample_size_and_count(rng, constraints)
         # a glyph needs free space, so crowded scenes carry none
         has_glyph = constraints.get("has_glyph", bool(rng.random() < 0.5) and count <= 2)
         quadrant = _choice(rng, constraints["position"]) if "position" in constraints else None
@@ -418,21 +426,22 @@ def _plural(noun: str, count: int) -> str:
 
 
 CAPTION_ATTRIBUTES = ("count", "size", "color", "texture", "shape", "position", "glyph", "background")
-# How often a multi-attribute caption names each attribute.
+# How often a multi-attribute caption names each attribute. Backgrounds are seldom described (as on
+# the web), so the background task must lean on colour words learned mostly from objects.
 MENTION_PROBABILITY = {
     "count": 0.5, "size": 0.4, "color": 0.5, "texture": 0.4, "shape": 0.6, "position": 0.5, "glyph": 0.6,
-    "background": 0.5,
+    "background": 0.35,
 }
-# Share of captions naming a single attribute. Without them the easy attributes (colours) separate
-# most of a batch and the contrastive loss barely rewards learning shapes, counts or glyphs.
-SINGLE_ATTRIBUTE_SHARE = 0.5
+# Share of captions naming a single (foreground) attribute. Without them the easy attributes
+# (colours) separate most of a batch and the loss barely rewards learning shapes, counts or glyphs.
+SINGLE_ATTRIBUTE_SHARE = 0.3
 
 
 def caption_scene(scene: Scene, rng: np.random.Generator) -> str:
     """A caption naming one or a random subset of the scene's attributes, in one of several phrasings."""
     present = [a for a in CAPTION_ATTRIBUTES if scene.attribute(a) is not None]
     if rng.random() < SINGLE_ATTRIBUTE_SHARE:
-        named = {_choice(rng, present)}
+        named = {_choice(rng, [a for a in present if a != "background"])}
     else:
         named = {a for a in present if rng.random() < MENTION_PROBABILITY[a]}
     return describe_scene(scene, named, rng)
