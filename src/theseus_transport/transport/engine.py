@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .alignment import align_tokens
 from .errors import CalibrationError, DepthMismatchError, FamilyMismatchError, ShapeMismatchError, TaskVectorKeyError
 from .layermap import LayerMap, expand_module
-from .maps import MapOptions, numerical_rank
+from .maps import MapOptions, float64_svd, numerical_rank, procrustes_from_svd, theseus_map
 from .methods import get_method
 from .plan import KeyReport, TransportPlan
 from .rule import ParamRule
@@ -229,14 +229,31 @@ def collect_statistics(
     return statistics
 
 
-def build_maps(statistics: StatisticsSet, method_name: str, options: MapOptions, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
-    """Return a map per capture point (float64, moved to the CPU) and each point's numerical rank."""
+def build_maps(
+    statistics: StatisticsSet, method_name: str, options: MapOptions, progress: bool = True,
+    svd_cache: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
+    """Return a map per capture point (float64, moved to the CPU) and each point's numerical rank.
+
+    The SVD of each cross-covariance is computed once and shared by the Procrustes map and the rank
+    report; `svd_cache` (keyed by space and centering) shares it across several calls as well.
+    """
     method = get_method(method_name)
+    svd_cache = {} if svd_cache is None else svd_cache
     maps, ranks = {}, {}
     for space in tqdm(sorted(statistics), desc="maps", disable=not progress, leave=False):
         stats = statistics[space]
-        maps[space] = method.build_map(stats, options).cpu()
-        singular_values = torch.linalg.svdvals(stats.cross_covariance(options.center))
+        key = (space, options.center)
+        if method.build_map is theseus_map:
+            if key not in svd_cache:
+                svd_cache[key] = float64_svd(stats.cross_covariance(options.center))
+            left, singular_values, right_t = svd_cache[key]
+            maps[space] = procrustes_from_svd(left, singular_values, right_t, options.rank_aware, options.rank_rtol).cpu()
+        else:
+            maps[space] = method.build_map(stats, options).cpu()
+            # baselines need only the spectrum for the rank report
+            singular_values = svd_cache[key][1] if key in svd_cache else torch.linalg.svdvals(
+                stats.cross_covariance(options.center).to(torch.float64))
         ranks[space] = {
             "rank": numerical_rank(singular_values, options.rank_rtol),
             "full_rank": min(stats.source_dim, stats.target_dim),
@@ -409,12 +426,13 @@ def build_plans(
     source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items() if v.is_floating_point()}
     target_shapes = {k: tuple(v.shape) for k, v in target.state_dict().items() if v.is_floating_point()}
     plans, ranks = [], {}
+    svd_cache: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for variant in variants:
         rules = rules_by_mode[variant["map_mode"]]
         needed = set().union(*(rule.spaces() for rule in rules.values() if not rule.skipped))
         options = MapOptions(center=variant["center"], rank_aware=variant["map_mode"] == "rank_aware", rank_rtol=rank_rtol, ridge=ridge, seed=seed)
         subset = StatisticsSet({space: statistics[space] for space in sorted(needed)})
-        maps, variant_ranks = build_maps(subset, variant["method"], options, progress=progress)
+        maps, variant_ranks = build_maps(subset, variant["method"], options, progress=progress, svd_cache=svd_cache)
         ranks.update(variant_ranks)
         plans.append(TransportPlan(
             family=adapter.name,

@@ -39,7 +39,19 @@ def procrustes(cross_covariance: torch.Tensor, rank_aware: bool = False, rank_rt
     With `rank_aware`, singular directions below the numerical rank are dropped (R = U_r V_r^T):
     the SVD does not determine them, so they get no map at all instead of an arbitrary rotation.
     """
-    left, singular_values, right_t = torch.linalg.svd(cross_covariance.to(torch.float64), full_matrices=False)
+    return procrustes_from_svd(*float64_svd(cross_covariance), rank_aware=rank_aware, rank_rtol=rank_rtol)
+
+
+def float64_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the thin SVD (U, S, V^T) of a matrix, computed in float64 on its device."""
+    return torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+
+
+def procrustes_from_svd(
+    left: torch.Tensor, singular_values: torch.Tensor, right_t: torch.Tensor, rank_aware: bool = False,
+    rank_rtol: float = 1e-7,
+) -> torch.Tensor:
+    """Return the Procrustes map U V^T from an SVD already computed (see `procrustes`)."""
     if rank_aware:
         rank = numerical_rank(singular_values, rank_rtol)
         left, right_t = left[:, :rank], right_t[:rank]
