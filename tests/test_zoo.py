@@ -140,9 +140,9 @@ def test_unknown_task_and_size_keys_are_rejected(tiny_cache):
 # --- family --------------------------------------------------------------------------------------
 
 EXPECTED_VISION = {  # width, layers, tokens (grid^2 + CLS)
-    "theseus-tiny-s": (64, 4, 65),
-    "theseus-tiny-w": (96, 4, 82),
-    "theseus-tiny-deep": (96, 8, 82),
+    "theseus-tiny-s": (64, 4, 17),
+    "theseus-tiny-w": (96, 4, 26),
+    "theseus-tiny-deep": (96, 8, 26),
 }
 
 
@@ -201,6 +201,24 @@ def test_build_family_writes_a_loadable_checkpoint_and_manifest(tiny_cache):
 
     accuracy = family.zero_shot_accuracy(model, preprocess, tokenizer, "shapes", split="test", cache_dir=tiny_cache)
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_parallel_build_equals_serial_build_and_variant_has_its_own_folder(tiny_cache, tmp_path, monkeypatch):
+    members = ("theseus-tiny-s", "theseus-tiny-w")
+    serial = build_family(tiny_cache, seed=0, steps=2, members=members, progress=False, workers=1, force=True)
+    serial_states = {m: load_file(str(serial[m])) for m in members}
+    monkeypatch.setenv(family.FAMILY_VARIANT_ENV, "test")
+    parallel = build_family(tiny_cache, seed=0, steps=2, members=members, progress=False, workers=2)
+    for name in members:
+        assert parallel[name] == tiny_cache / "family-test" / f"{name}.safetensors"
+        assert parallel[name] != serial[name]
+        state = load_file(str(parallel[name]))
+        assert state.keys() == serial_states[name].keys()
+        for key, value in state.items():
+            assert torch.equal(value, serial_states[name][key]), (name, key)
+    manifest = family.read_family_manifest(tiny_cache)
+    assert set(manifest["members"]) == set(members)
+    assert all(record["steps"] == 2 for record in manifest["members"].values())
 
 
 def test_zero_shot_classifier_is_one_unit_vector_per_class():

@@ -214,19 +214,20 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", quick: bool = False
     settings = settings or (DemoSettings.quick() if quick else DemoSettings.full())
     output = Path(output_dir)
     check_writable(output / "results.json", output / "results.md", overwrite=overwrite)
-    saved_cache = os.environ.get("THESEUS_CACHE")
+    saved = {name: os.environ.get(name) for name in ("THESEUS_CACHE", family.FAMILY_VARIANT_ENV)}
     try:
         if cache_dir is not None:
             os.environ["THESEUS_CACHE"] = str(Path(cache_dir).expanduser())
         if settings.family_steps is not None:
-            # a quick family lives in its own cache folder: it must never replace a fully trained one
-            os.environ["THESEUS_CACHE"] = str(family.default_cache_dir() / f"quick-{settings.family_steps}")
+            # a short-recipe family lives in its own folder (same world): it never replaces the full one
+            os.environ[family.FAMILY_VARIANT_ENV] = f"{settings.family_steps}steps"
         return _run(settings, output, overwrite)
     finally:
-        if saved_cache is None:
-            os.environ.pop("THESEUS_CACHE", None)
-        else:
-            os.environ["THESEUS_CACHE"] = saved_cache
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any]:
