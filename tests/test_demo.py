@@ -17,8 +17,11 @@ def test_quick_demo_writes_results_table_and_plots(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["tasks"]) == {"shapes", "colors"}
+    assert set(results["tasks"]) == {"sizes", "positions"}
     for task, entry in results["tasks"].items():
+        diagnostics = entry["diagnostics"]
+        assert 0.0 < diagnostics["linear_cka"] <= 1.0
+        assert 0.0 <= diagnostics["readout_source_finetuned"] <= 1.0 and diagnostics["held_out_images"] > 0
         for batches, block in entry["transport"].items():
             assert "Theseus (rank-aware)" in block["variants"] and "Theseus (paper)" in block["variants"]
             for variant in block["variants"].values():
@@ -26,7 +29,7 @@ def test_quick_demo_writes_results_table_and_plots(tmp_path):
         with Image.open(entry["warm_start"]["plot"]) as plot:
             assert plot.size[0] > 100
     table = (out / "results.md").read_text()
-    assert "Theseus (paper)" in table and "Warm start" in table
+    assert "Theseus (paper)" in table and "Warm start" in table and "linear CKA" in table
     with pytest.raises(FileExistsError):
         from theseus_transport.zoo.demo import run_demo
 

@@ -28,6 +28,7 @@ from .errors import (
 )
 from .io import load_task_vector, save_task_vector, tensors_sha256
 from .layermap import LayerMap, expand_module, expand_state_dict
+from .similarity import linear_cka, procrustes_readout_accuracy
 from .maps import MapOptions, procrustes
 from .methods import METHODS, get_method
 from .plan import TransportPlan

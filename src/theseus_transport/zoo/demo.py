@@ -7,6 +7,7 @@ fine-tuning from Theseus against fine-tuning from the pretrained target with ide
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -49,16 +50,20 @@ class DemoSettings:
     tasks: tuple[str, ...]
     calibration_batches: tuple[int, ...] = (1, 5, 20)
     calibration_batch_size: int = 32
-    finetune_steps: int = 150
-    warm_start_steps: int = 150
-    eval_every: int = 10
+    finetune_steps: int = 250
+    warm_start_steps: int = 250
+    eval_every: int = 25
     batch_size: int = 32
-    lr: float = 3e-4
+    # 1e-3: at 3e-4 x 150 steps fine-tuning left shapes/positions/glyphs near chance (no upper bound to
+    # recover); a probe at 1e-3 x 400 steps took the source from 26 to 54 % on positions
+    lr: float = 1e-3
     warmup_steps: int = 10
     weight_decay: float = 0.1
     warm_start_batches: int = 20
     sweep_alpha: bool = True
     family_steps: int | None = None  # None: the zoo's default recipe
+    depth_target: str | None = None  # a deeper target for the depth experiment (paper Sec. 4.4)
+    held_out_batches: int = 8  # paired validation batches for the alignment / CKA diagnostics
     seed: int = 0
     variants: tuple[str, ...] = field(default_factory=lambda: tuple(label for label, _ in VARIANTS))
 
@@ -67,14 +72,14 @@ class DemoSettings:
         """All eight tasks, 1 / 5 / 20 calibration batches, alpha sweep."""
         from .world import TASKS
 
-        return cls(tasks=tuple(TASKS))
+        return cls(tasks=tuple(TASKS), depth_target="theseus-tiny-deep")
 
     @classmethod
     def quick(cls) -> "DemoSettings":
         """Two tasks, fewer steps and batches: a few minutes, for CI and the notebook."""
         return cls(
-            tasks=("shapes", "colors"), calibration_batches=(1, 5), finetune_steps=40, warm_start_steps=40,
-            eval_every=10, warm_start_batches=5, sweep_alpha=False, family_steps=150,
+            tasks=("sizes", "positions"), calibration_batches=(1, 5), finetune_steps=40, warm_start_steps=40,
+            eval_every=10, warm_start_batches=5, sweep_alpha=False, family_steps=150, held_out_batches=2,
         )
 
 
@@ -99,24 +104,24 @@ def _stack(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
 class TaskBench:
     """A task's data and the target's zero-shot classifier, with its pretrained encoder kept aside."""
 
-    def __init__(self, task: str, settings: DemoSettings) -> None:
+    def __init__(self, task: str, settings: DemoSettings, model_name: str = TARGET_MODEL) -> None:
         from ..data import ImageClassificationDataModule
         from ..modules import ImageClassifier
 
-        self.task, self.settings = task, settings
+        self.task, self.settings, self.model_name = task, settings, model_name
         self.datamodule = ImageClassificationDataModule(
-            f"zoo:{task}", model_name=TARGET_MODEL, source_model_name=SOURCE_MODEL, batch_size=settings.batch_size,
+            f"zoo:{task}", model_name=model_name, source_model_name=SOURCE_MODEL, batch_size=settings.batch_size,
             calibration_batches=max(settings.calibration_batches), calibration_batch_size=settings.calibration_batch_size,
             calibration_seed=settings.seed, seed=settings.seed,
         )
         self.datamodule.setup("fit")
-        self.classifier = ImageClassifier(TARGET_MODEL, head="zeroshot", classnames=self.datamodule.classnames,
+        self.classifier = ImageClassifier(model_name, head="zeroshot", classnames=self.datamodule.classnames,
                                           templates=self.datamodule.templates)
         self.base_state = {k: v.clone() for k, v in self.classifier.encoder.state_dict().items()}
         self.val = _stack(self.datamodule.val_dataloader())
         self.test = _stack(self.datamodule.test_dataloader())
         self.calibration = list(self.datamodule.calibration_dataloader())
-        self.held_out = list(self.datamodule.held_out_dataloader(batches=2))
+        self.held_out = list(self.datamodule.held_out_dataloader(batches=settings.held_out_batches))
 
     def evaluate(self, task_vector: dict[str, torch.Tensor] | None, alpha: float = 1.0, split: str = "test") -> float:
         """Accuracy of the target with `alpha * task_vector` added (None: the pretrained target)."""
@@ -168,6 +173,66 @@ def finetune(
         trainer.fit(module, datamodule=datamodule)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     return {"run_dir": str(run_dir), "test_acc": float(test["test/acc"]), "steps": int(trainer.global_step)}
+
+
+# ---- diagnostics and the depth experiment ------------------------------------------------------------
+
+def _features(encoder: torch.nn.Module, batches: list[dict[str, torch.Tensor]], side: str) -> torch.Tensor:
+    return torch.cat([encoder(batch[side]) for batch in batches])
+
+
+@torch.no_grad()
+def diagnose_task(bench: TaskBench, task_vector: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Why transport does or does not carry a task, on held-out images.
+
+    `linear_cka`: similarity of the two base models' image embeddings. `readout_*`: accuracy of the
+    target's zero-shot head on the source's embeddings (base, and fine-tuned by the task vector)
+    carried over by a Procrustes map fitted on the calibration embeddings, i.e. what the target would
+    score if it reproduced the source's features exactly: a ceiling for transport through the head.
+    """
+    from ..families import load_base_encoder
+    from ..transport import linear_cka, procrustes_readout_accuracy
+    from ..transport.maps import procrustes
+
+    source = load_base_encoder("openclip", SOURCE_MODEL).eval()
+    tuned = copy.deepcopy(source)
+    apply_task_vector(tuned, task_vector)
+    target = bench.classifier.encoder.eval()
+    target.load_state_dict(bench.base_state)
+    feature_map = procrustes(_features(source, bench.calibration, "source").double().T
+                             @ _features(target, bench.calibration, "target").double())
+    held_source, held_target = _features(source, bench.held_out, "source"), _features(target, bench.held_out, "target")
+    labels = torch.cat([batch["label"] for batch in bench.held_out])
+    head = bench.classifier.zeroshot_head
+    return {
+        "linear_cka": linear_cka(held_source, held_target),
+        "readout_source_base": procrustes_readout_accuracy(held_source, head, labels, feature_map),
+        "readout_source_finetuned": procrustes_readout_accuracy(_features(tuned, bench.held_out, "source"), head,
+                                                                 labels, feature_map),
+        "held_out_images": int(len(labels)),
+    }
+
+
+DEPTH_VARIANTS = ("Theseus (rank-aware)", "Theseus (paper)", "Zero-pad")
+
+
+def depth_experiment(task: str, task_vector: dict[str, torch.Tensor], settings: DemoSettings) -> dict[str, Any]:
+    """Transport the source's task vector to the deeper target through the interpolated layer map."""
+    from ..families import load_base_encoder
+
+    assert settings.depth_target is not None
+    bench = TaskBench(task, settings, model_name=settings.depth_target)
+    source = load_base_encoder("openclip", SOURCE_MODEL)
+    batches = max(settings.calibration_batches)
+    plans, _ = build_plans(source, bench.classifier.encoder, bench.calibration[:batches],
+                           [_variant(label) for label in DEPTH_VARIANTS], family="openclip", layer_map="interpolate",
+                           seed=settings.seed, progress=False)
+    variants = {}
+    for label, plan in zip(DEPTH_VARIANTS, plans):
+        transported, _, _ = plan.apply(task_vector, seed=settings.seed)
+        variants[label] = {"test_acc": bench.evaluate(transported)}
+    return {"target": settings.depth_target, "calibration_batches": batches,
+            "target_zeroshot_test_acc": bench.evaluate(None), "variants": variants}
 
 
 # ---- the demo --------------------------------------------------------------------------------------
@@ -240,7 +305,8 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
     # one thread: these models are tiny, and on a shared 2-core machine two threads contend so badly
     # that a step can take 10x longer (measured while building the family); results stay deterministic
     torch.set_num_threads(1)
-    family.build_family(steps=settings.family_steps, members=(SOURCE_MODEL, TARGET_MODEL))
+    members = (SOURCE_MODEL, TARGET_MODEL) + ((settings.depth_target,) if settings.depth_target else ())
+    family.build_family(steps=settings.family_steps, members=members)
     results: dict[str, Any] = {"settings": asdict(settings), "tasks": {}}
     for task in settings.tasks:
         task_started = time.perf_counter()
@@ -257,7 +323,10 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
             "source_finetuned_test_acc": source_run["test_acc"],
             "target_zeroshot_test_acc": bench.evaluate(None),
             "transport": transport_task(bench, task_vector, settings),
+            "diagnostics": diagnose_task(bench, task_vector),
         }
+        if settings.depth_target is not None:
+            entry["depth"] = depth_experiment(task, task_vector, settings)
         baseline = finetune(TARGET_MODEL, task, settings.warm_start_steps, task_dir / "target_finetune", settings)
         warm = finetune(TARGET_MODEL, task, settings.warm_start_steps, task_dir / "target_warmstart_theseus", settings,
                         warm_start_from=source_vector_path)

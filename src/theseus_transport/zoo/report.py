@@ -77,6 +77,8 @@ def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> str:
     reached = f"{len(ratios)} of {len(tasks)} tasks reached the target"
     lines += ["", f"Average ratio (steps from Theseus / steps of the baseline run) over tasks that reached it: "
               f"{_mean(ratios):.2f}; {reached}.", ""]
+    lines += _diagnostics_lines(results)
+    lines += _depth_lines(results)
     alignment = _alignment_table(results)
     if alignment:
         lines += ["## Alignment (paper Sec. 4.7)", "",
@@ -99,3 +101,41 @@ def _alignment_table(results: dict[str, Any]) -> dict[str, tuple[float, float]]:
             collected.setdefault(space, []).append((values["before"], values["after"]))
     return {space: (_mean([b for b, _ in pairs]), _mean([a for _, a in pairs])) for space, pairs in sorted(collected.items())}
 
+
+
+def _diagnostics_lines(results: dict[str, Any]) -> list[str]:
+    """Per-task diagnostics: base-model CKA and the Procrustes read-out ceiling."""
+    tasks = [t for t, entry in results["tasks"].items() if "diagnostics" in entry]
+    if not tasks:
+        return []
+    lines = ["## Diagnostics", "",
+             "Linear CKA of the base models' image embeddings on held-out images; accuracy of the target's zero-shot "
+             "head on the source's embeddings carried over by a Procrustes map (base source, and source + task "
+             "vector): what the target would score if it reproduced the source's features exactly.", "",
+             "| task | linear CKA | target zero-shot | read-out, source base | read-out, source fine-tuned | source fine-tuned | target fine-tuned |",
+             "|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        entry = results["tasks"][task]
+        diagnostics = entry["diagnostics"]
+        lines.append(
+            f"| {task} | {diagnostics['linear_cka']:.2f} | {100 * entry['target_zeroshot_test_acc']:.1f} | "
+            f"{100 * diagnostics['readout_source_base']:.1f} | {100 * diagnostics['readout_source_finetuned']:.1f} | "
+            f"{100 * entry['source_finetuned_test_acc']:.1f} | {100 * entry['target_finetuned_test_acc']:.1f} |"
+        )
+    return lines + [""]
+
+
+def _depth_lines(results: dict[str, Any]) -> list[str]:
+    """The depth experiment (source -> deeper target through the interpolated layer map)."""
+    tasks = [t for t, entry in results["tasks"].items() if "depth" in entry]
+    if not tasks:
+        return []
+    first = results["tasks"][tasks[0]]["depth"]
+    header = "| | " + " | ".join(tasks) + " | Avg |\n|---|" + "---|" * (len(tasks) + 1)
+    lines = ["## Depth (paper Sec. 4.4)", "",
+             f"{SOURCE} -> {first['target']} (twice as deep), interpolated layer map, "
+             f"{first['calibration_batches']} calibration batches, α=1, test accuracy (%).", "", header,
+             _row("Deep target zero-shot", [results["tasks"][t]["depth"]["target_zeroshot_test_acc"] for t in tasks])]
+    for label in first["variants"]:
+        lines.append(_row(f"Deep target + {label}", [results["tasks"][t]["depth"]["variants"][label]["test_acc"] for t in tasks]))
+    return lines + [""]
