@@ -27,7 +27,7 @@ from .maps import MapOptions, float64_svd, numerical_rank, procrustes_from_svd, 
 from .methods import get_method
 from .plan import KeyReport, TransportPlan
 from .rule import ParamRule
-from .statistics import CrossStatistics, ReduceFn, StatisticsSet
+from .statistics import BATCH_PRODUCT_DTYPES, CrossStatistics, ReduceFn, StatisticsSet
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +178,18 @@ def collect_statistics(
     memory_budget_bytes: int | None = None,
     reduce_fn: ReduceFn | None = None,
     progress: bool = True,
+    batch_products: str = "float64",
 ) -> StatisticsSet:
     """Stream paired calibration batches through both base models and accumulate cross-statistics.
 
     With `memory_budget_bytes`, capture points are split into groups that each fit the budget and
     the calibration data is passed once per group (it must then be re-iterable, e.g. a DataLoader).
     `reduce_fn` sums the statistics across processes (DDP) before anything is derived from them.
+    `batch_products` ("float64" or "float32") is the dtype of each batch's products; the totals are
+    float64 either way (see CrossStatistics).
     """
+    if batch_products not in BATCH_PRODUCT_DTYPES:
+        raise ValueError(f"unknown batch_products {batch_products!r}; choose one of {sorted(BATCH_PRODUCT_DTYPES)}")
     spaces = sorted(set(spaces))
     statistics = StatisticsSet()
     with _frozen_eval(source, target):
@@ -214,7 +219,8 @@ def collect_statistics(
                     for space in group:
                         source_rows, target_rows = _paired_rows(adapter, space, source_capture, target_capture, target_batch, token_alignment)
                         if space not in statistics.points:
-                            statistics.points[space] = CrossStatistics(source_rows.shape[1], target_rows.shape[1], with_grams)
+                            statistics.points[space] = CrossStatistics(source_rows.shape[1], target_rows.shape[1], with_grams,
+                                                                       batch_products=batch_products)
                         try:
                             statistics.points[space].update(source_rows, target_rows)
                         except CalibrationError as error:
@@ -396,6 +402,7 @@ def build_plans(
     memory_budget_bytes: int | None = None,
     reduce_fn: ReduceFn | None = None,
     progress: bool = True,
+    batch_products: str = "float64",
 ) -> tuple[list[TransportPlan], dict[str, Any]]:
     """Compute plans for several (method, map_mode, center) variants from ONE pass of calibration data.
 
@@ -420,7 +427,7 @@ def build_plans(
     statistics = collect_statistics(
         adapter, source, target, calibration, spaces, token_alignment,
         with_grams=any(get_method(v["method"]).needs_grams for v in variants),
-        memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress,
+        memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress, batch_products=batch_products,
     )
     collected = time.perf_counter()
     source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items() if v.is_floating_point()}
@@ -443,7 +450,7 @@ def build_plans(
             target_shapes=target_shapes,
             metadata={
                 "map_mode": variant["map_mode"], "center": variant["center"], "token_alignment": token_alignment,
-                "rank_rtol": rank_rtol, "ridge": ridge, "seed": seed,
+                "rank_rtol": rank_rtol, "ridge": ridge, "seed": seed, "batch_products": batch_products,
                 "calibration_tokens": {s: statistics[s].count for s in sorted(needed)},
                 "source": adapter.describe(source), "target": adapter.describe(target),
             },
@@ -472,7 +479,7 @@ def build_plan(
     """Compute the maps of one method between two base models; return the plan and context.
 
     `options` are those of `build_plans` (token_alignment, layer_map, rank_rtol, ridge, seed,
-    memory_budget_bytes, reduce_fn, progress).
+    memory_budget_bytes, reduce_fn, progress, batch_products).
     """
     plans, context = build_plans(
         source_base, target_base, calibration, [dict(method=method, map_mode=map_mode, center=center)], family=family, **options
@@ -501,6 +508,7 @@ def transport(
     memory_budget_bytes: int | None = None,
     reduce_fn: ReduceFn | None = None,
     progress: bool = True,
+    batch_products: str = "float64",
 ) -> TransportResult:
     """Transport a source task vector (or fine-tuned source) onto the target; return vector, report, plan.
 
@@ -514,7 +522,7 @@ def transport(
     plan, context = build_plan(
         source_base, target_base, calibration, family=family, method=method, map_mode=map_mode, center=center,
         token_alignment=token_alignment, layer_map=layer_map, rank_rtol=rank_rtol, ridge=ridge, seed=seed,
-        memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress,
+        memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress, batch_products=batch_products,
     )
     adapter = context["adapter"]
     if task_vector is None:

@@ -16,6 +16,9 @@ from .errors import CalibrationError
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+BATCH_PRODUCT_DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
+
+
 def accumulation_device(device: torch.device) -> torch.device:
     """Return the device on which float64 statistics for activations on `device` are kept."""
     return torch.device("cpu") if device.type == "mps" else device
@@ -34,6 +37,10 @@ class CrossStatistics:
     cross: torch.Tensor | None = None  # X_A^T X_B, uncentered
     source_gram: torch.Tensor | None = None  # X_A^T X_A, only for least-squares baselines
     target_gram: torch.Tensor | None = None  # X_B^T X_B
+    # dtype of each batch's products before they join the float64 totals: "float64" (exact, default)
+    # or "float32" (about 2x faster on CPUs and far faster on GPUs, whose FP64 rate is a fraction of FP32;
+    # rounding ~1e-7 relative per batch, never accumulated across batches)
+    batch_products: str = "float64"
 
     def _allocate(self, device: torch.device) -> None:
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
@@ -59,17 +66,24 @@ class CrossStatistics:
         device = accumulation_device(source_rows.device)
         if self.cross is None:
             self._allocate(device)
-        source64 = source_rows.detach().to(device=self.cross.device, dtype=torch.float64)
-        target64 = target_rows.detach().to(device=self.cross.device, dtype=torch.float64)
-        if not (torch.isfinite(source64).all() and torch.isfinite(target64).all()):
+        product_dtype = BATCH_PRODUCT_DTYPES[self.batch_products]
+        source_rows = source_rows.detach().to(device=self.cross.device, dtype=product_dtype)
+        target_rows = target_rows.detach().to(device=self.cross.device, dtype=product_dtype)
+        if not (torch.isfinite(source_rows).all() and torch.isfinite(target_rows).all()):
             raise CalibrationError("calibration activations contain NaN or Inf")
-        self.count += source64.shape[0]
-        self.source_sum += source64.sum(0)
-        self.target_sum += target64.sum(0)
-        self.cross.addmm_(source64.T, target64)
-        if self.with_grams:
-            self.source_gram.addmm_(source64.T, source64)
-            self.target_gram.addmm_(target64.T, target64)
+        self.count += source_rows.shape[0]
+        self.source_sum += source_rows.sum(0, dtype=torch.float64)
+        self.target_sum += target_rows.sum(0, dtype=torch.float64)
+        if product_dtype == torch.float64:
+            self.cross.addmm_(source_rows.T, target_rows)
+            if self.with_grams:
+                self.source_gram.addmm_(source_rows.T, source_rows)
+                self.target_gram.addmm_(target_rows.T, target_rows)
+        else:
+            self.cross += (source_rows.T @ target_rows).to(torch.float64)
+            if self.with_grams:
+                self.source_gram += (source_rows.T @ source_rows).to(torch.float64)
+                self.target_gram += (target_rows.T @ target_rows).to(torch.float64)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Return the accumulated tensors by name (for reduction across processes or saving)."""
