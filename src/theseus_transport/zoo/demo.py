@@ -40,7 +40,7 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("Decoupled, orthogonalised", dict(method="decoupled_orth")),
 )
 SWEPT_VARIANTS = ("Theseus (rank-aware)", "Theseus (paper)")
-ALPHA_GRID = tuple(round(0.25 * i, 2) for i in range(13))  # 0 .. 3
+ALPHA_GRID = tuple(round(0.25 * i, 2) for i in range(21))  # 0 .. 5, the range of the authors' sweep
 
 
 @dataclass(frozen=True)

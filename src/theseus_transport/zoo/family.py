@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     },
     DEEP: {
         "embed_dim": 96,
-        "vision_cfg": {"image_size": 40, "layers": 8, "width": 96, "head_width": 16, "patch_size": 8},
+        "vision_cfg": {"image_size": 40, "layers": 6, "width": 96, "head_width": 16, "patch_size": 8},
         "text_cfg": {**_TEXT_CFG, "width": 96, "heads": 6},
     },
 }
@@ -72,9 +72,9 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class PretrainRecipe:
-    """The contrastive pretraining recipe shared by all members (only the seed differs)."""
+    """The contrastive pretraining recipe of the members (they differ in seed; see MEMBER_STEPS)."""
 
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -83,6 +83,15 @@ class PretrainRecipe:
 
 
 DEFAULT_RECIPE = PretrainRecipe()
+# The deep member serves only the depth experiment; half the steps keeps the whole family within
+# 15 minutes on 2 cores (it is the costliest member per step).
+MEMBER_STEPS: dict[str, int] = {DEEP: 1000}
+
+
+def member_recipe(name: str, steps: int | None = None) -> PretrainRecipe:
+    """The recipe a member trains with: the default one, its own step count, or `steps` for all."""
+    chosen = steps if steps is not None else MEMBER_STEPS.get(name, DEFAULT_RECIPE.steps)
+    return replace(DEFAULT_RECIPE, steps=int(chosen))
 
 _registered_config_dir: Path | None = None
 
@@ -321,28 +330,29 @@ def build_family(
     unknown = [m for m in members if m not in FAMILY_MEMBERS]
     if unknown:
         raise KeyError(f"unknown family members {unknown}; known: {list(FAMILY_MEMBERS)}")
-    recipe = DEFAULT_RECIPE if steps is None else PretrainRecipe(**{**asdict(DEFAULT_RECIPE), "steps": int(steps)})
+    recipes = {m: member_recipe(m, steps) for m in members}
     records = read_family_manifest(cache_dir).get("members", {})
-    todo = [m for m in members if force or not _is_cached(m, cache_dir, records.get(m), recipe, seed)]
+    todo = [m for m in members if force or not _is_cached(m, cache_dir, records.get(m), recipes[m], seed)]
     paths = {m: checkpoint_path(m, cache_dir) for m in members}
     if not todo:
         return paths
     total_started = time.perf_counter()
     load_pretraining_pairs(cache_dir)  # render the world here, once, before any worker reads it
     _family_dir(cache_dir).mkdir(parents=True, exist_ok=True)
-    todo.sort(key=_training_cost, reverse=True)
+    # longest first: on two workers the big member runs alone while the small ones share the other
+    todo.sort(key=lambda m: _training_cost(m) * recipes[m].steps, reverse=True)
     workers = min(len(todo), workers if workers is not None else (os.cpu_count() or 1))
     if progress:
-        print(f"theseus zoo: pretraining {', '.join(todo)} ({recipe.steps} steps each, {workers} worker(s))",
-              flush=True)
+        plan = ", ".join(f"{m} ({recipes[m].steps} steps)" for m in todo)
+        print(f"theseus zoo: pretraining {plan} on {workers} worker(s)", flush=True)
     if workers <= 1:
         for name in todo:
-            _write_member_record(cache_dir, name, _train_and_save(name, cache_dir, recipe, seed, progress))
+            _write_member_record(cache_dir, name, _train_and_save(name, cache_dir, recipes[name], seed, progress))
     else:
         # spawn, not fork: torch's thread pools do not survive a fork
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {pool.submit(_train_and_save, name, cache_dir, recipe, seed, progress, family_variant()): name
+            futures = {pool.submit(_train_and_save, name, cache_dir, recipes[name], seed, progress, family_variant()): name
                        for name in todo}
             for future in as_completed(futures):
                 # the manifest is written here only, so workers never race on it
