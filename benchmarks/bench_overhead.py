@@ -97,10 +97,10 @@ def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 def instrumented_transport(source: nn.Module, target: nn.Module, task_vector: dict[str, torch.Tensor],
                            batches: list[dict[str, torch.Tensor]], device: str, use_cprofile: bool,
-                           instrument: bool = True) -> tuple[Any, SectionTimer, float, str]:
+                           instrument: bool = True, batch_products: str = "float64") -> tuple[Any, SectionTimer, float, str]:
     """Run transport() once with engine functions wrapped in timers; return result, timer, seconds, profile text."""
     from theseus_transport.families.openclip import OpenCLIPVisionAdapter
-    from theseus_transport.transport import engine, maps, plan, statistics
+    from theseus_transport.transport import engine, plan, statistics
     from theseus_transport.transport.engine import transport
 
     timer = SectionTimer(device)
@@ -108,8 +108,7 @@ def instrumented_transport(source: nn.Module, target: nn.Module, task_vector: di
         timer.wrap(OpenCLIPVisionAdapter, "forward", "forward with capture (hooks, CapturingAttention)"),
         timer.wrap(engine, "_paired_rows", "token alignment (interpolate2d)"),
         timer.wrap(statistics.CrossStatistics, "update", "statistics update (fp64 cast, isfinite, addmm)"),
-        timer.wrap(maps, "procrustes", "maps: Procrustes SVD"),
-        timer.wrap(torch.linalg, "svdvals", "maps: rank svdvals (second SVD of each matrix)"),
+        timer.wrap(engine, "float64_svd", "maps: SVD of each cross-covariance (float64)"),
         timer.wrap(plan.TransportPlan, "apply", "rule: plan.apply"),
     ]
     profiler = cProfile.Profile() if use_cprofile else None
@@ -118,7 +117,8 @@ def instrumented_transport(source: nn.Module, target: nn.Module, task_vector: di
         started = time.perf_counter()
         if profiler:
             profiler.enable()
-        result = transport(source, target, task_vector, batches, family="openclip", progress=False)
+        result = transport(source, target, task_vector, batches, family="openclip", progress=False,
+                           batch_products=batch_products)
         sync(device)
         seconds = time.perf_counter() - started
     finally:
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true", help="also print the top functions by self time")
     parser.add_argument("--no-instrument", action="store_true",
                         help="time the transport without the per-section wrappers (they sync CUDA at every call)")
+    parser.add_argument("--batch-products", choices=["float64", "float32"], default="float64",
+                        help="dtype of each batch's statistics products (totals stay float64)")
     parser.add_argument("--save-maps", default=None, help="torch.save the plan's maps and ranks here (to compare engines)")
     args = parser.parse_args()
 
@@ -175,7 +177,8 @@ def main() -> None:
     bare_before = bare_forward_seconds(source, target, batches, device)
     print(f"bare forward passes (before): {bare_before:.2f} s")
     result, timer, full_seconds, profile_text = instrumented_transport(source, target, task_vector, batches, device, args.cprofile,
-                                                                         instrument=not args.no_instrument)
+                                                                         instrument=not args.no_instrument,
+                                                                         batch_products=args.batch_products)
     print(f"full transport: {full_seconds:.2f} s (x bare-before {full_seconds / bare_before:.3f}); sections so far:")
     for name, seconds in sorted(timer.seconds.items(), key=lambda item: -item[1]):
         print(f"  {name}: {seconds:.2f} s")
@@ -237,7 +240,8 @@ def main() -> None:
     if profile_text:
         print("\ncProfile, top functions by self time:\n" + profile_text)
 
-    write_results(f"bench_overhead_{args.preset}" if args.preset != "vit-b16" else "bench_overhead", {
+    name = f"bench_overhead_{args.preset}" if args.preset != "vit-b16" else "bench_overhead"
+    write_results(name + ("_float32_products" if args.batch_products == "float32" else ""), {
         "machine": info,
         "settings": vars(args) | {"source_image_size": source_size, "target_image_size": target_size},
         "bare_seconds": bare, "bare_before_seconds": bare_before, "bare_after_seconds": bare_after,

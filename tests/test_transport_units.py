@@ -285,3 +285,16 @@ def test_one_calibration_pass_serves_several_methods():
         assert plan.maps.keys() == alone.maps.keys()
         assert all(torch.equal(plan.maps[s], alone.maps[s]) for s in plan.maps), variant
         assert all(torch.equal(a, b) for a, b in zip(plan.apply(task_vector)[0].values(), alone.apply(task_vector)[0].values()))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("batch_products", ["float64", "float32"])
+def test_statistics_reject_non_finite_rows_and_stay_unchanged(bad, batch_products):
+    statistics = CrossStatistics(3, 4, batch_products=batch_products)
+    statistics.update(torch.ones(5, 3), torch.ones(5, 4))
+    before = statistics.cross.clone()
+    rows = torch.ones(5, 4)
+    rows[2, 1] = bad
+    with pytest.raises(CalibrationError, match="NaN or Inf"):
+        statistics.update(torch.ones(5, 3), rows)
+    assert statistics.count == 5 and torch.equal(statistics.cross, before)

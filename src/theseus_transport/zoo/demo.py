@@ -79,7 +79,7 @@ class DemoSettings:
         """Two tasks, fewer steps and batches: a few minutes, for CI and the notebook."""
         return cls(
             tasks=("sizes", "positions"), calibration_batches=(1, 5), finetune_steps=40, warm_start_steps=40,
-            eval_every=10, warm_start_batches=5, sweep_alpha=False, family_steps=150, held_out_batches=2,
+            eval_every=10, warm_start_batches=5, sweep_alpha=False, family_steps=100, held_out_batches=2,
         )
 
 
