@@ -336,6 +336,11 @@ def build_family(
     paths = {m: checkpoint_path(m, cache_dir) for m in members}
     if not todo:
         return paths
+    stale = [m for m in todo if paths[m].is_file() and not force]
+    if stale:
+        # a cache, not user data: a member trained with another seed, recipe or config is rebuilt
+        log.warning("cached %s in %s were trained with another seed, recipe or config; rebuilding them",
+                    ", ".join(stale), _family_dir(cache_dir))
     total_started = time.perf_counter()
     load_pretraining_pairs(cache_dir)  # render the world here, once, before any worker reads it
     _family_dir(cache_dir).mkdir(parents=True, exist_ok=True)
