@@ -235,9 +235,13 @@ def collect_statistics(
     return statistics
 
 
+# (space, centered) -> thin SVD (U, S, V^T) of that cross-covariance, shared by maps and rank reports
+SvdCache = dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 def build_maps(
     statistics: StatisticsSet, method_name: str, options: MapOptions, progress: bool = True,
-    svd_cache: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    svd_cache: SvdCache | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
     """Return a map per capture point (float64, moved to the CPU) and each point's numerical rank.
 
@@ -433,7 +437,7 @@ def build_plans(
     source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items() if v.is_floating_point()}
     target_shapes = {k: tuple(v.shape) for k, v in target.state_dict().items() if v.is_floating_point()}
     plans, ranks = [], {}
-    svd_cache: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    svd_cache: SvdCache = {}
     for variant in variants:
         rules = rules_by_mode[variant["map_mode"]]
         needed = set().union(*(rule.spaces() for rule in rules.values() if not rule.skipped))

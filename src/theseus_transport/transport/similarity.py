@@ -31,7 +31,8 @@ def procrustes_readout_accuracy(
     """Accuracy of a target's classifier head on source features carried over by a d_A x d_B map.
 
     Tells whether the target's head could read the source's (e.g. fine-tuned) features if the target
-    reproduced them exactly, up to the map: an upper bound on what any transport of the encoder gives.
+    reproduced them exactly, up to the map: a rough ceiling for transports that act through the
+    embedding (a transported target may still land elsewhere and score higher).
     """
     mapped = torch.nn.functional.normalize(source_features.to(torch.float64) @ feature_map.to(torch.float64), dim=-1)
     predictions = (mapped @ target_head.to(torch.float64).T).argmax(dim=-1)

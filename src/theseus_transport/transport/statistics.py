@@ -2,6 +2,8 @@
 
 Dtype policy: every statistic is accumulated in float64 on the activations' device (CPU when the
 device has no float64, e.g. MPS), whatever the models' dtype; nothing of a batch is kept after it.
+Each batch's products are computed in float64 too, unless `batch_products="float32"` is chosen for
+speed (the products are then rounded once per batch, and summed across batches in float64).
 """
 
 from __future__ import annotations
