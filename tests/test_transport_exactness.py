@@ -157,3 +157,12 @@ def test_float32_batch_products_stay_close_to_float64(twin_setup):
         assert relative_error(fast.task_vector[key], value) <= 1e-3, key
     with pytest.raises(ValueError, match="batch_products"):
         transport(source, twin, task_vector, calibration, progress=False, batch_products="float16")
+
+
+def test_rank_report_is_the_same_for_every_method(twin_setup):
+    source, twin, task_vector, calibration, _, _ = twin_setup
+    reports = {method: transport(source, twin, task_vector, calibration, method=method, map_mode="paper",
+                                 progress=False).report.ranks
+               for method in ("theseus", "zero_pad", "pinv")}
+    assert reports["theseus"] and reports["zero_pad"] == reports["theseus"] == reports["pinv"]
+    assert any(info["rank"] < info["full_rank"] for info in reports["zero_pad"].values())
