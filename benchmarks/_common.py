@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -156,3 +157,20 @@ def capture_spaces(family: str, source: Any, target: Any, map_mode: str | None =
     rules = adapter.param_rules(source_encoder, map_mode or engine.DEFAULT_MAP_MODE)
     spaces = set().union(*(rule.spaces() for rule in rules.values() if not rule.skipped))
     return adapter, source_encoder, target_encoder, spaces
+
+
+def paired_random_batches(count: int, batch_size: int, source_size: int, target_size: int,
+                          seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield `count` paired random batches (the same images at each model's size), one at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        images = torch.rand(batch_size, 3, target_size, target_size, generator=generator)
+        source = torch.nn.functional.interpolate(images, size=(source_size, source_size), mode="bilinear", antialias=True)
+        yield {"source": source, "target": images}
+
+
+def run_child(script: str, arguments: Sequence[str]) -> dict[str, Any]:
+    """Run `script --child <arguments>` in a fresh interpreter and return the JSON of its last stdout line."""
+    output = subprocess.run([sys.executable, script, "--child", *arguments], check=True, capture_output=True,
+                            text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])

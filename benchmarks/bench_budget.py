@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from typing import Any
 
 import _common
 import torch
-from _common import capture_spaces, current_rss_bytes, fmt_bytes, machine_info, peak_rss_bytes, table, write_results
+from _common import (capture_spaces, current_rss_bytes, fmt_bytes, machine_info, peak_rss_bytes, run_child, table,
+                     write_results)
 
 SOURCE_CONFIG = dict(d_model=1024, d_ff=16384, num_heads=32, d_kv=128, feed_forward_proj="relu", vocab_size=32128)  # T5-3B
 TARGET_CONFIG = dict(d_model=1024, d_ff=4096, num_heads=16, d_kv=64, feed_forward_proj="relu", vocab_size=32128)  # T5-Large
@@ -123,11 +122,10 @@ def main() -> None:
     print("machine:", info)
     runs = []
     for budget in args.budgets:
-        command = [sys.executable, __file__, "--child", "--budgets", budget, "--layers", str(args.layers),
-                   "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--length", str(args.length),
-                   "--threads", str(args.threads), "--seed", str(args.seed)] + (["--full-plan"] if args.full_plan else [])
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        runs.append(json.loads(output.strip().splitlines()[-1]))
+        runs.append(run_child(__file__, [
+            "--budgets", budget, "--layers", str(args.layers), "--batches", str(args.batches),
+            "--batch-size", str(args.batch_size), "--length", str(args.length), "--threads", str(args.threads),
+            "--seed", str(args.seed)] + (["--full-plan"] if args.full_plan else [])))
         print(f"budget {budget}: {runs[-1]['passes']} passes, peak RSS {fmt_bytes(runs[-1]['peak_rss'])}, {runs[-1]['seconds']:.1f} s")
     first = runs[0]
     print(f"\n## memory budget: T5-3B-config -> T5-Large-config encoders, {args.layers} of 24 layers, "

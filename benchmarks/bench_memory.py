@@ -12,30 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import _common
 import torch
-from _common import current_rss_bytes, fmt_bytes, machine_info, peak_rss_bytes, table, write_results
+from _common import (current_rss_bytes, fmt_bytes, machine_info, paired_random_batches, peak_rss_bytes, run_child,
+                     table, write_results)
 
 
 def tower_kwargs(width: int, image_size: int, layers: int) -> dict[str, Any]:
     """Return VisionTransformer kwargs of a small OpenCLIP tower (head width 64, patch 8)."""
     return dict(image_size=image_size, patch_size=8, width=width, layers=layers, heads=max(1, width // 64),
                 mlp_ratio=4.0, output_dim=width)
-
-
-def batch_stream(count: int, batch_size: int, source_size: int, target_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield `count` paired random batches, one at a time (nothing is kept after it is consumed)."""
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(count):
-        images = torch.rand(batch_size, 3, target_size, target_size, generator=generator)
-        source = torch.nn.functional.interpolate(images, size=(source_size, source_size), mode="bilinear", antialias=True)
-        yield {"source": source, "target": images}
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,7 +40,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     count = args.batches[0]
     baseline = current_rss_bytes()
     started = time.perf_counter()
-    result = transport(source, target, task_vector, batch_stream(count, args.batch_size, args.image_size, args.image_size + 8, args.seed),
+    result = transport(source, target, task_vector, paired_random_batches(count, args.batch_size, args.image_size, args.image_size + 8, args.seed),
                        family="openclip", progress=False)
     seconds = time.perf_counter() - started
     tokens = max(result.plan.metadata["calibration_tokens"].values())
@@ -83,11 +72,10 @@ def main() -> None:
     print("machine:", info)
     runs = []
     for count in args.batches:
-        command = [sys.executable, __file__, "--child", "--batches", str(count), "--batch-size", str(args.batch_size),
-                   "--width", str(args.width), "--layers", str(args.layers), "--image-size", str(args.image_size),
-                   "--threads", str(args.threads), "--seed", str(args.seed)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        runs.append(json.loads(output.strip().splitlines()[-1]))
+        runs.append(run_child(__file__, [
+            "--batches", str(count), "--batch-size", str(args.batch_size), "--width", str(args.width),
+            "--layers", str(args.layers), "--image-size", str(args.image_size), "--threads", str(args.threads),
+            "--seed", str(args.seed)]))
         print(f"{count:4d} batches: peak RSS {fmt_bytes(runs[-1]['peak_rss'])} ({runs[-1]['seconds']:.1f} s)")
     first = runs[0]
     rows = []

@@ -16,12 +16,11 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import _common
 import torch
-from _common import BENCH_DIR, RESULTS_DIR, machine_info, table, write_results
+from _common import BENCH_DIR, RESULTS_DIR, machine_info, paired_random_batches, table, write_results
 from torch import nn
 
 WIDTHS = {"tiny (ViT-Ti)": (192, 224), "small (ViT-S)": (384, 448), "base (ViT-B)": (768, 896)}
@@ -35,22 +34,13 @@ def tower(width: int, layers: int, image_size: int) -> nn.Module:
                              mlp_ratio=4.0, output_dim=width).eval()
 
 
-def stream(count: int, batch_size: int, source_size: int, target_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield paired random batches (the same images at each model's size)."""
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(count):
-        images = torch.rand(batch_size, 3, target_size, target_size, generator=generator)
-        source = torch.nn.functional.interpolate(images, size=(source_size, source_size), mode="bilinear", antialias=True)
-        yield {"source": source, "target": images}
-
-
 def timed_transport(source: nn.Module, target: nn.Module, batches: int, batch_size: int, size: int, seed: int) -> dict[str, Any]:
     """Run one transport; return total seconds, the engine's phase timings and the token count."""
     from theseus_transport.transport.engine import transport
 
     task_vector = {k: 1e-3 * torch.randn_like(v) for k, v in source.state_dict().items() if v.is_floating_point()}
     started = time.perf_counter()
-    result = transport(source, target, task_vector, stream(batches, batch_size, size, size + 8, seed), family="openclip", progress=False)
+    result = transport(source, target, task_vector, paired_random_batches(batches, batch_size, size, size + 8, seed), family="openclip", progress=False)
     total = time.perf_counter() - started
     timings = result.report.timings
     return {"seconds": total, "statistics_s": timings["statistics_s"], "maps_s": timings["maps_s"], "apply_s": timings["apply_s"],
