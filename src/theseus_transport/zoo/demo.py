@@ -182,7 +182,7 @@ def _features(encoder: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
 
 
 @torch.no_grad()
-def diagnose_task(bench: TaskBench, task_vector: dict[str, torch.Tensor]) -> dict[str, Any]:
+def diagnose_task(bench: TaskBench, source: torch.nn.Module, task_vector: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Why transport does or does not carry a task, on held-out images.
 
     `linear_cka`: similarity of the two base models' image embeddings. `readout_*`: accuracy of the
@@ -190,11 +190,10 @@ def diagnose_task(bench: TaskBench, task_vector: dict[str, torch.Tensor]) -> dic
     carried over by a Procrustes map fitted on the calibration embeddings, i.e. what the target would
     score if it reproduced the source's features exactly: a ceiling for transport through the head.
     """
-    from ..families import load_base_encoder
     from ..transport import linear_cka, procrustes_readout_accuracy
     from ..transport.maps import procrustes
 
-    source = load_base_encoder("openclip", SOURCE_MODEL).eval()
+    source = source.eval()
     tuned = copy.deepcopy(source)
     apply_task_vector(tuned, task_vector)
     target = bench.classifier.encoder.eval()
@@ -216,13 +215,11 @@ def diagnose_task(bench: TaskBench, task_vector: dict[str, torch.Tensor]) -> dic
 DEPTH_VARIANTS = ("Theseus (rank-aware)", "Theseus (paper)", "Zero-pad")
 
 
-def depth_experiment(task: str, task_vector: dict[str, torch.Tensor], settings: DemoSettings) -> dict[str, Any]:
+def depth_experiment(task: str, source: torch.nn.Module, task_vector: dict[str, torch.Tensor],
+                     settings: DemoSettings) -> dict[str, Any]:
     """Transport the source's task vector to the deeper target through the interpolated layer map."""
-    from ..families import load_base_encoder
-
     assert settings.depth_target is not None
     bench = TaskBench(task, settings, model_name=settings.depth_target)
-    source = load_base_encoder("openclip", SOURCE_MODEL)
     batches = max(settings.calibration_batches)
     plans, _ = build_plans(source, bench.classifier.encoder, bench.calibration[:batches],
                            [_variant(label) for label in DEPTH_VARIANTS], family="openclip", layer_map="interpolate",
@@ -241,11 +238,9 @@ def _variant(label: str) -> dict[str, Any]:
     return dict(VARIANTS)[label]
 
 
-def transport_task(bench: TaskBench, task_vector: dict[str, torch.Tensor], settings: DemoSettings) -> dict[str, Any]:
+def transport_task(bench: TaskBench, source: torch.nn.Module, task_vector: dict[str, torch.Tensor],
+                   settings: DemoSettings) -> dict[str, Any]:
     """Transport one task vector with every variant at every calibration size and evaluate."""
-    from ..families import load_base_encoder
-
-    source = load_base_encoder("openclip", SOURCE_MODEL)
     target = bench.classifier.encoder
     results: dict[str, Any] = {}
     for batches in settings.calibration_batches:
@@ -298,6 +293,7 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", quick: bool = False
 def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any]:
     """The demo itself, with the cache already chosen."""
     from ..compare import compare_runs
+    from ..families import load_base_encoder
     from . import family
     from .report import write_markdown
 
@@ -307,6 +303,8 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
     torch.set_num_threads(1)
     members = (SOURCE_MODEL, TARGET_MODEL) + ((settings.depth_target,) if settings.depth_target else ())
     family.build_family(steps=settings.family_steps, members=members)
+    # the frozen base source serves every task: transports, diagnostics and depth only read it
+    source = load_base_encoder("openclip", SOURCE_MODEL)
     results: dict[str, Any] = {"settings": asdict(settings), "tasks": {}}
     for task in settings.tasks:
         task_started = time.perf_counter()
@@ -322,11 +320,11 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
         entry: dict[str, Any] = {
             "source_finetuned_test_acc": source_run["test_acc"],
             "target_zeroshot_test_acc": bench.evaluate(None),
-            "transport": transport_task(bench, task_vector, settings),
-            "diagnostics": diagnose_task(bench, task_vector),
+            "transport": transport_task(bench, source, task_vector, settings),
+            "diagnostics": diagnose_task(bench, source, task_vector),
         }
         if settings.depth_target is not None:
-            entry["depth"] = depth_experiment(task, task_vector, settings)
+            entry["depth"] = depth_experiment(task, source, task_vector, settings)
         baseline = finetune(TARGET_MODEL, task, settings.warm_start_steps, task_dir / "target_finetune", settings)
         warm = finetune(TARGET_MODEL, task, settings.warm_start_steps, task_dir / "target_warmstart_theseus", settings,
                         warm_start_from=source_vector_path)
