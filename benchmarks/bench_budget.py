@@ -14,6 +14,11 @@ part the budget changes) with the capture points `build_plan` would use; `--full
 
     python benchmarks/bench_budget.py
     python benchmarks/bench_budget.py --layers 24 --budgets none 1GiB 256MiB --full-plan   # big machine
+    python benchmarks/bench_budget.py --full-plan --width-divisor 4 --layers 8 --budgets none 64MiB  # ~1 min
+
+`--width-divisor k` divides d_model, d_ff and d_kv of both configs by k (head counts kept): every
+statistic shrinks by ~k^2 and every SVD by ~k^3, so `--full-plan` (where the budget now bounds the
+statistics and SVD factors held) fits in a minute or two at the same shape ratios.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ def parse_budget(text: str) -> int | None:
     return int(lowered)
 
 
+def scaled(config: dict[str, Any], divisor: int) -> dict[str, Any]:
+    """Return a T5 config with d_model, d_ff and d_kv divided by `divisor` (head counts and vocab kept)."""
+    return dict(config, **{key: config[key] // divisor for key in ("d_model", "d_ff", "d_kv")})
+
+
 def calibration(batches: int, batch_size: int, length: int, seed: int) -> list[dict[str, Any]]:
     """Return paired batches of random token ids (vocab 32128), all-ones attention masks, same ids for both."""
     generator = torch.Generator().manual_seed(seed)
@@ -63,8 +73,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     budget = parse_budget(args.budgets[0])
-    source = T5EncoderModel(T5Config(num_layers=args.layers, **SOURCE_CONFIG)).eval()
-    target = T5EncoderModel(T5Config(num_layers=args.layers, **TARGET_CONFIG)).eval()
+    source = T5EncoderModel(T5Config(num_layers=args.layers, **scaled(SOURCE_CONFIG, args.width_divisor))).eval()
+    target = T5EncoderModel(T5Config(num_layers=args.layers, **scaled(TARGET_CONFIG, args.width_divisor))).eval()
     items = calibration(args.batches, args.batch_size, args.length, args.seed)
     groups_seen: list[list[str]] = []
     original_plan_groups = engine.plan_groups
@@ -106,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", nargs="+", default=["none", "1GiB", "256MiB"])
     parser.add_argument("--layers", type=int, default=4, help="encoder depth of both models (T5-3B/Large have 24)")
+    parser.add_argument("--width-divisor", type=int, default=1, help="divide d_model, d_ff and d_kv of both configs by this")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--length", type=int, default=64, help="tokens per sequence")
@@ -123,12 +134,13 @@ def main() -> None:
     runs = []
     for budget in args.budgets:
         runs.append(run_child(__file__, [
-            "--budgets", budget, "--layers", str(args.layers), "--batches", str(args.batches),
+            "--budgets", budget, "--layers", str(args.layers), "--width-divisor", str(args.width_divisor), "--batches", str(args.batches),
             "--batch-size", str(args.batch_size), "--length", str(args.length), "--threads", str(args.threads),
             "--seed", str(args.seed)] + (["--full-plan"] if args.full_plan else [])))
         print(f"budget {budget}: {runs[-1]['passes']} passes, peak RSS {fmt_bytes(runs[-1]['peak_rss'])}, {runs[-1]['seconds']:.1f} s")
     first = runs[0]
-    print(f"\n## memory budget: T5-3B-config -> T5-Large-config encoders, {args.layers} of 24 layers, "
+    scale = "" if args.width_divisor == 1 else f", widths / {args.width_divisor}"
+    print(f"\n## memory budget: T5-3B-config -> T5-Large-config encoders{scale}, {args.layers} of 24 layers, "
           f"{first['capture_points']} capture points, statistics {fmt_bytes(first['statistics_bytes'])} "
           f"(largest point {fmt_bytes(first['largest_point_bytes'])}); {args.batches} batches of {args.batch_size}x{args.length} tokens; "
           f"{'build_plan' if args.full_plan else 'collect_statistics'}")

@@ -264,13 +264,31 @@ def test_apply_task_vector_checks_keys_and_shapes():
         apply_task_vector(copy.deepcopy(model), {"ln_post.weight": torch.zeros(5)})
 
 
-def test_memory_budget_groups_give_identical_statistics():
+def test_memory_budget_groups_give_identical_statistics(monkeypatch):
+    from theseus_transport.transport import build_plans, engine
+
     source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
     task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
     whole = transport(source, target, task_vector, pairs(2), progress=False)
     grouped = transport(source, target, task_vector, pairs(2), memory_budget_bytes=256 * 1024, progress=False)
     assert all(torch.equal(whole.task_vector[k], grouped.task_vector[k]) for k in whole.task_vector)
     assert plan_groups({"a": 10, "b": 10, "c": 10}, 20) == [["a", "b"], ["c"]]
+    # several variants (two centerings, a Gram baseline) and a reduce across "ranks": with each group's maps
+    # built right after its pass, the maps, ranks and token counts equal those of the single pass
+    sizes_seen: list[dict[str, int]] = []
+    monkeypatch.setattr(engine, "plan_groups", lambda sizes, budget: sizes_seen.append(dict(sizes)) or plan_groups(sizes, budget))
+    variants = [dict(method="theseus"), dict(method="theseus", map_mode="paper", center=True), dict(method="pinv")]
+    single, single_context = build_plans(source, target, pairs(2), variants, reduce_fn=lambda t: 2 * t, progress=False)
+    split, split_context = build_plans(source, target, pairs(2), variants, reduce_fn=lambda t: 2 * t,
+                                       memory_budget_bytes=256 * 1024, progress=False)
+    assert len(sizes_seen) == 1 and len(plan_groups(sizes_seen[0], 256 * 1024)) > 2
+    for one, other in zip(single, split):
+        assert list(one.maps) == list(other.maps) and all(torch.equal(one.maps[s], other.maps[s]) for s in one.maps)
+        assert one.metadata == other.metadata
+    assert list(single_context["ranks"].items()) == list(split_context["ranks"].items())
+    # the budget counts a point's statistics (Grams included) plus its SVD factors U and V^T, once per centering
+    c_proj_in = CrossStatistics(128, 192, with_grams=True).nbytes() + 2 * 8 * (128 + 192) * 128
+    assert sizes_seen[0]["transformer.resblocks.0.mlp.c_proj:in"] == c_proj_in
 
 
 def test_one_calibration_pass_serves_several_methods():

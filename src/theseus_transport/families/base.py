@@ -16,19 +16,24 @@ MAP_MODES = ("rank_aware", "paper")
 
 
 class Capture:
-    """Activations of the current batch, filled by hooks, keyed by space name (B x N x D)."""
+    """Activations of the current batch, filled by hooks, keyed by space name (B x N x D).
+
+    Inside `streaming(consumer)` wanted activations are handed to the consumer as they are produced
+    instead of being stored, so a caller can use and drop each one before the next is computed.
+    """
 
     def __init__(self, wanted: set[str], sequence_first: bool = False) -> None:
         self.wanted = wanted
         self.sequence_first = sequence_first
         self.activations: dict[str, torch.Tensor] = {}
+        self._consumer: Callable[[str, torch.Tensor], None] | None = None
 
     def wants(self, space: str) -> bool:
         """Whether the current pass should keep activations of `space`."""
         return space in self.wanted
 
     def put(self, space: str, activation: torch.Tensor, sequence_first: bool | None = None) -> None:
-        """Store an activation, normalised to batch-first, if the space is wanted."""
+        """Store an activation (or hand it to the streaming consumer), normalised to batch-first, if wanted."""
         if space not in self.wanted:
             return
         seq_first = self.sequence_first if sequence_first is None else sequence_first
@@ -37,7 +42,19 @@ class Capture:
             activation = activation.unsqueeze(1)
         elif seq_first:
             activation = activation.transpose(0, 1)
-        self.activations[space] = activation
+        if self._consumer is not None:
+            self._consumer(space, activation)
+        else:
+            self.activations[space] = activation
+
+    @contextlib.contextmanager
+    def streaming(self, consumer: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """Within the block, call `consumer(space, activation)` for each wanted activation instead of storing it."""
+        self._consumer = consumer
+        try:
+            yield
+        finally:
+            self._consumer = None
 
     def clear(self) -> None:
         """Forget the previous batch's activations."""

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -128,12 +128,59 @@ def _batch_size(batch: Any) -> int:
     return 0
 
 
-def _paired_rows(adapter: Any, space: str, source_capture: Any, target_capture: Any, target_batch: Any, token_alignment: str) -> tuple[torch.Tensor, torch.Tensor]:
-    missing = [role for role, cap in (("source", source_capture), ("target", target_capture)) if space not in cap.activations]
-    if missing:
-        raise CalibrationError(f"capture point {space!r} produced no activation in the {' and '.join(missing)} model (missing layer?)")
+def _stream_batch(
+    adapter: Any,
+    source: nn.Module,
+    target: nn.Module,
+    source_capture: Any,
+    target_capture: Any,
+    source_batch: Any,
+    target_batch: Any,
+    spaces: Sequence[str],
+    token_alignment: str,
+    consume: Callable[[str, torch.Tensor, torch.Tensor], None],
+) -> None:
+    """Run one paired batch through both models; hand each point's paired rows to `consume` once both exist.
+
+    The source pass runs first and its activations are held; during the target pass each point is
+    aligned, consumed and dropped as soon as the target produces it, so at most one model's
+    activations (plus one point of the other) are alive instead of every point of both models.
+    Failures are raised after the target pass for the first failing point in `spaces` order: the
+    same error a loop over `spaces` after both passes would raise.
+    """
+    adapter.forward(source, adapter.batch_to(source_batch, _device_of(source)))
+    from_source = set(source_capture.activations)
+    from_target: set[str] = set()
+    failures: dict[str, Exception] = {}
     mask = adapter.token_mask(target_batch)
-    return align_tokens(source_capture.activations[space], target_capture.activations[space], token_alignment, mask)
+
+    def pair(space: str, target_activation: torch.Tensor) -> None:
+        if space in from_target:
+            # its first activation is already in the statistics: a later one cannot replace it
+            failures.setdefault(space, CalibrationError(
+                f"capture point {space!r} produced more than one activation in one forward pass of the target "
+                "model (a module called twice?); each capture point must fire once per pass"))
+            return
+        from_target.add(space)
+        source_activation = source_capture.activations.pop(space, None)
+        if source_activation is None:
+            return  # reported as missing below
+        try:
+            consume(space, *align_tokens(source_activation, target_activation, token_alignment, mask))
+        except Exception as error:  # noqa: BLE001 - re-raised below, in `spaces` order, after the pass
+            failures[space] = error
+
+    try:
+        with target_capture.streaming(pair):
+            adapter.forward(target, adapter.batch_to(target_batch, _device_of(target)))
+    finally:
+        source_capture.clear()
+    for space in spaces:
+        if space in failures:
+            raise failures[space]
+        missing = [role for role, produced in (("source", from_source), ("target", from_target)) if space not in produced]
+        if missing:
+            raise CalibrationError(f"capture point {space!r} produced no activation in the {' and '.join(missing)} model (missing layer?)")
 
 
 def plan_groups(space_bytes: Mapping[str, int], budget_bytes: int | None) -> list[list[str]]:
@@ -157,14 +204,89 @@ def plan_groups(space_bytes: Mapping[str, int], budget_bytes: int | None) -> lis
 
 def _probe_dims(adapter: Any, source: nn.Module, target: nn.Module, spaces: set[str], first_item: Any) -> dict[str, tuple[int, int]]:
     source_batch, target_batch = split_pair(first_item)
-    dims = {}
+    source_widths: dict[str, int] = {}
+    target_widths: dict[str, int] = {}
     with adapter.capture(source, spaces) as source_capture, adapter.capture(target, spaces) as target_capture:
-        adapter.forward(source, adapter.batch_to(source_batch, _device_of(source)))
-        adapter.forward(target, adapter.batch_to(target_batch, _device_of(target)))
-        for space in spaces:
-            if space in source_capture.activations and space in target_capture.activations:
-                dims[space] = (source_capture.activations[space].shape[-1], target_capture.activations[space].shape[-1])
-    return dims
+        # only the widths are needed: note each as its activation appears and hold none
+        with source_capture.streaming(lambda space, activation: source_widths.update({space: activation.shape[-1]})):
+            adapter.forward(source, adapter.batch_to(source_batch, _device_of(source)))
+        with target_capture.streaming(lambda space, activation: target_widths.update({space: activation.shape[-1]})):
+            adapter.forward(target, adapter.batch_to(target_batch, _device_of(target)))
+    return {space: (source_widths[space], target_widths[space]) for space in spaces if space in source_widths and space in target_widths}
+
+
+def svd_workspace_bytes(source_dim: int, target_dim: int) -> int:
+    """Return the bytes of the float64 thin-SVD factors U and V^T of a source_dim x target_dim matrix."""
+    return 8 * (source_dim + target_dim) * min(source_dim, target_dim)
+
+
+def _statistics_groups(
+    adapter: Any, source: nn.Module, target: nn.Module, calibration: Iterable[Any], spaces: Sequence[str],
+    with_grams: bool, memory_budget_bytes: int | None, svd_copies: int = 0,
+) -> list[list[str]]:
+    # one group (one pass) without a budget; otherwise a probe batch gives each point's widths and the
+    # points are packed so each group's statistics plus `svd_copies` SVD factors fit the budget
+    if memory_budget_bytes is None:
+        return [list(spaces)]
+    first = next(iter(calibration), None)
+    if first is None:
+        raise CalibrationError("the calibration set is empty: at least one batch is needed")
+    with _frozen_eval(source, target):
+        dims = _probe_dims(adapter, source, target, set(spaces), first)
+    sizes = {}
+    for space in spaces:
+        source_dim, target_dim = dims.get(space, (0, 0))
+        sizes[space] = (CrossStatistics(source_dim, target_dim, with_grams=with_grams).nbytes()
+                        + svd_copies * svd_workspace_bytes(source_dim, target_dim))
+    return plan_groups(sizes, memory_budget_bytes)
+
+
+def _collect_group(
+    adapter: Any, source: nn.Module, target: nn.Module, calibration: Iterable[Any], group: Sequence[str],
+    token_alignment: str, with_grams: bool, reduce_fn: ReduceFn | None, progress: bool, batch_products: str,
+    description: str,
+) -> StatisticsSet:
+    # one calibration pass accumulating the statistics of the points in `group` (then reduced across ranks)
+    points: dict[str, CrossStatistics] = {}
+    batches = 0
+
+    def update(space: str, source_rows: torch.Tensor, target_rows: torch.Tensor) -> None:
+        if space not in points:
+            points[space] = CrossStatistics(source_rows.shape[1], target_rows.shape[1], with_grams, batch_products=batch_products)
+        try:
+            points[space].update(source_rows, target_rows)
+        except CalibrationError as error:
+            raise CalibrationError(f"calibration batch {batches}, capture point {space!r}: {error}") from None
+
+    wanted = set(group)
+    with _frozen_eval(source, target):
+        with adapter.capture(source, wanted) as source_capture, adapter.capture(target, wanted) as target_capture:
+            for item in tqdm(calibration, desc=description, disable=not progress, leave=False):
+                source_batch, target_batch = split_pair(item)
+                if _batch_size(source_batch) != _batch_size(target_batch):
+                    raise CalibrationError(
+                        f"calibration batch {batches}: source has {_batch_size(source_batch)} examples, "
+                        f"target {_batch_size(target_batch)}; pairs must hold the same examples"
+                    )
+                _stream_batch(adapter, source, target, source_capture, target_capture, source_batch, target_batch,
+                              group, token_alignment, update)
+                batches += 1
+    if batches == 0:
+        raise CalibrationError("the calibration set is empty: at least one batch is needed")
+    # points were created in hook order; keep the set in `group` (sorted) order
+    statistics = StatisticsSet({space: points[space] for space in group if space in points})
+    if reduce_fn is not None:
+        statistics.reduce(reduce_fn)
+    return statistics
+
+
+def _check_batch_products(batch_products: str) -> None:
+    if batch_products not in BATCH_PRODUCT_DTYPES:
+        raise ValueError(f"unknown batch_products {batch_products!r}; choose one of {sorted(BATCH_PRODUCT_DTYPES)}")
+
+
+def _group_description(index: int, count: int) -> str:
+    return "calibration" if count == 1 else f"calibration (group {index + 1}/{count})"
 
 
 def collect_statistics(
@@ -182,56 +304,23 @@ def collect_statistics(
 ) -> StatisticsSet:
     """Stream paired calibration batches through both base models and accumulate cross-statistics.
 
-    With `memory_budget_bytes`, capture points are split into groups that each fit the budget and
-    the calibration data is passed once per group (it must then be re-iterable, e.g. a DataLoader).
+    With `memory_budget_bytes`, capture points are split into groups whose statistics each fit the
+    budget and the calibration data is passed once per group (it must then be re-iterable, e.g. a
+    DataLoader); all groups' statistics are returned, so the budget bounds only what one pass
+    accumulates (`build_plans` drops each group's statistics once its maps are built).
     `reduce_fn` sums the statistics across processes (DDP) before anything is derived from them.
     `batch_products` ("float64" or "float32") is the dtype of each batch's products; the totals are
     float64 either way (see CrossStatistics).
     """
-    if batch_products not in BATCH_PRODUCT_DTYPES:
-        raise ValueError(f"unknown batch_products {batch_products!r}; choose one of {sorted(BATCH_PRODUCT_DTYPES)}")
+    _check_batch_products(batch_products)
     spaces = sorted(set(spaces))
+    groups = _statistics_groups(adapter, source, target, calibration, spaces, with_grams, memory_budget_bytes)
     statistics = StatisticsSet()
-    with _frozen_eval(source, target):
-        if memory_budget_bytes is None:
-            groups = [spaces]
-        else:
-            first = next(iter(calibration), None)
-            if first is None:
-                raise CalibrationError("the calibration set is empty: at least one batch is needed")
-            dims = _probe_dims(adapter, source, target, set(spaces), first)
-            sizes = {s: CrossStatistics(*dims.get(s, (0, 0)), with_grams=with_grams).nbytes() for s in spaces}
-            groups = plan_groups(sizes, memory_budget_bytes)
-        for group_index, group in enumerate(groups):
-            wanted = set(group)
-            batches = 0
-            with adapter.capture(source, wanted) as source_capture, adapter.capture(target, wanted) as target_capture:
-                description = "calibration" if len(groups) == 1 else f"calibration (group {group_index + 1}/{len(groups)})"
-                for item in tqdm(calibration, desc=description, disable=not progress, leave=False):
-                    source_batch, target_batch = split_pair(item)
-                    if _batch_size(source_batch) != _batch_size(target_batch):
-                        raise CalibrationError(
-                            f"calibration batch {batches}: source has {_batch_size(source_batch)} examples, "
-                            f"target {_batch_size(target_batch)}; pairs must hold the same examples"
-                        )
-                    adapter.forward(source, adapter.batch_to(source_batch, _device_of(source)))
-                    adapter.forward(target, adapter.batch_to(target_batch, _device_of(target)))
-                    for space in group:
-                        source_rows, target_rows = _paired_rows(adapter, space, source_capture, target_capture, target_batch, token_alignment)
-                        if space not in statistics.points:
-                            statistics.points[space] = CrossStatistics(source_rows.shape[1], target_rows.shape[1], with_grams,
-                                                                       batch_products=batch_products)
-                        try:
-                            statistics.points[space].update(source_rows, target_rows)
-                        except CalibrationError as error:
-                            raise CalibrationError(f"calibration batch {batches}, capture point {space!r}: {error}") from None
-                    source_capture.clear()
-                    target_capture.clear()
-                    batches += 1
-            if batches == 0:
-                raise CalibrationError("the calibration set is empty: at least one batch is needed")
-    if reduce_fn is not None:
-        statistics.reduce(reduce_fn)
+    for index, group in enumerate(groups):
+        statistics.points.update(_collect_group(
+            adapter, source, target, calibration, group, token_alignment, with_grams, reduce_fn, progress,
+            batch_products, _group_description(index, len(groups)),
+        ).points)
     return statistics
 
 
@@ -341,22 +430,21 @@ def measure_alignment(
 ) -> dict[str, dict[str, float]]:
     """Mean cosine similarity of paired tokens, before (zero-pad/crop) and after the maps (paper Sec. 4.7)."""
     totals = {space: [0.0, 0.0, 0] for space in maps}
+
+    def accumulate(space: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.to(torch.float64), b.to(torch.float64)
+        before = F.cosine_similarity(_pad_or_crop(a, b.shape[1]), b, dim=1)
+        after = F.cosine_similarity(a @ maps[space].to(a.device), b, dim=1)
+        totals[space][0] += float(before.sum())
+        totals[space][1] += float(after.sum())
+        totals[space][2] += a.shape[0]
+
     with _frozen_eval(source, target):
         with adapter.capture(source, set(maps)) as source_capture, adapter.capture(target, set(maps)) as target_capture:
             for item in tqdm(held_out, desc="alignment", disable=not progress, leave=False):
                 source_batch, target_batch = split_pair(item)
-                adapter.forward(source, adapter.batch_to(source_batch, _device_of(source)))
-                adapter.forward(target, adapter.batch_to(target_batch, _device_of(target)))
-                for space, feature_map in maps.items():
-                    a, b = _paired_rows(adapter, space, source_capture, target_capture, target_batch, token_alignment)
-                    a, b = a.to(torch.float64), b.to(torch.float64)
-                    before = F.cosine_similarity(_pad_or_crop(a, b.shape[1]), b, dim=1)
-                    after = F.cosine_similarity(a @ feature_map.to(a.device), b, dim=1)
-                    totals[space][0] += float(before.sum())
-                    totals[space][1] += float(after.sum())
-                    totals[space][2] += a.shape[0]
-                source_capture.clear()
-                target_capture.clear()
+                _stream_batch(adapter, source, target, source_capture, target_capture, source_batch, target_batch,
+                              list(maps), token_alignment, accumulate)
     return {space: {"before": t[0] / t[2], "after": t[1] / t[2]} for space, t in totals.items() if t[2] > 0}
 
 
@@ -412,6 +500,9 @@ def build_plans(
 
     Each variant is a mapping with optional keys 'method', 'map_mode' and 'center'; the statistics of
     the union of their capture points are collected once and every variant's maps derive from them.
+    With `memory_budget_bytes`, the points are split into groups whose statistics and SVD factors
+    fit the budget; each group gets its own pass, its maps are built right after it, and its
+    statistics are dropped before the next pass (the finished maps are kept: they are the plans).
     """
     variants = [dict(method=v.get("method", "theseus"), map_mode=v.get("map_mode", DEFAULT_MAP_MODE), center=bool(v.get("center", False))) for v in variants]
     for variant in variants:
@@ -427,45 +518,70 @@ def build_plans(
         source = expand_module(source, adapter.blocks(source), adapter.block_prefix(source), resolved_map)
     token_alignment = token_alignment or adapter.default_token_alignment
     rules_by_mode = {mode: _variant_rules(adapter, source, target, mode) for mode in {v["map_mode"] for v in variants}}
-    spaces = set().union(*(rule.spaces() for rules in rules_by_mode.values() for rule in rules.values() if not rule.skipped))
-    statistics = collect_statistics(
-        adapter, source, target, calibration, spaces, token_alignment,
-        with_grams=any(get_method(v["method"]).needs_grams for v in variants),
-        memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress, batch_products=batch_products,
-    )
-    collected = time.perf_counter()
+    needed_by_variant = [
+        set().union(*(rule.spaces() for rule in rules_by_mode[v["map_mode"]].values() if not rule.skipped)) for v in variants
+    ]
+    spaces = set().union(*needed_by_variant)
+    _check_batch_products(batch_products)
+    with_grams = any(get_method(v["method"]).needs_grams for v in variants)
+    options_by_variant = [
+        MapOptions(center=v["center"], rank_aware=v["map_mode"] == "rank_aware", rank_rtol=rank_rtol, ridge=ridge, seed=seed)
+        for v in variants
+    ]
+    # the SVD factors of a point stay cached for its whole group, one per centering among the Procrustes
+    # variants; baselines need comparable transient workspace (pinv, svdvals), so count at least one
+    svd_copies = max(1, len({v["center"] for v in variants if get_method(v["method"]).build_map is theseus_map}))
+    groups = _statistics_groups(adapter, source, target, calibration, sorted(spaces), with_grams, memory_budget_bytes, svd_copies)
+    maps_by_variant: list[dict[str, torch.Tensor]] = [{} for _ in variants]
+    ranks_by_variant: list[dict[str, dict[str, int]]] = [{} for _ in variants]
+    tokens: dict[str, int] = {}
+    statistics_s = time.perf_counter() - started
+    maps_s = 0.0
+    for index, group in enumerate(groups):
+        # with a budget each group's maps are built right after its pass and its statistics and SVD
+        # factors dropped before the next pass, so they are held for one group at a time
+        pass_started = time.perf_counter()
+        statistics = _collect_group(
+            adapter, source, target, calibration, group, token_alignment, with_grams, reduce_fn, progress,
+            batch_products, _group_description(index, len(groups)),
+        )
+        maps_started = time.perf_counter()
+        svd_cache: SvdCache = {}
+        for variant, options, needed, variant_maps, variant_ranks in zip(
+                variants, options_by_variant, needed_by_variant, maps_by_variant, ranks_by_variant):
+            group_maps, group_ranks = build_maps(StatisticsSet({space: statistics[space] for space in group if space in needed}),
+                                                 variant["method"], options, progress=progress, svd_cache=svd_cache)
+            variant_maps.update(group_maps)
+            variant_ranks.update(group_ranks)
+        tokens.update({space: stats.count for space, stats in statistics.items()})
+        del statistics, svd_cache
+        statistics_s += maps_started - pass_started
+        maps_s += time.perf_counter() - maps_started
     source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items() if v.is_floating_point()}
     target_shapes = {k: tuple(v.shape) for k, v in target.state_dict().items() if v.is_floating_point()}
     plans, ranks = [], {}
-    svd_cache: SvdCache = {}
-    for variant in variants:
-        rules = rules_by_mode[variant["map_mode"]]
-        needed = set().union(*(rule.spaces() for rule in rules.values() if not rule.skipped))
-        options = MapOptions(center=variant["center"], rank_aware=variant["map_mode"] == "rank_aware", rank_rtol=rank_rtol, ridge=ridge, seed=seed)
-        subset = StatisticsSet({space: statistics[space] for space in sorted(needed)})
-        maps, variant_ranks = build_maps(subset, variant["method"], options, progress=progress, svd_cache=svd_cache)
+    for variant, needed, variant_maps, variant_ranks in zip(variants, needed_by_variant, maps_by_variant, ranks_by_variant):
         ranks.update(variant_ranks)
         plans.append(TransportPlan(
             family=adapter.name,
             method=variant["method"],
-            maps=maps,
-            rules=rules,
+            maps=variant_maps,
+            rules=rules_by_mode[variant["map_mode"]],
             source_shapes=source_shapes,
             target_shapes=target_shapes,
             metadata={
                 "map_mode": variant["map_mode"], "center": variant["center"], "token_alignment": token_alignment,
                 "rank_rtol": rank_rtol, "ridge": ridge, "seed": seed, "batch_products": batch_products,
-                "calibration_tokens": {s: statistics[s].count for s in sorted(needed)},
+                "calibration_tokens": {s: tokens[s] for s in sorted(needed)},
                 "source": adapter.describe(source), "target": adapter.describe(target),
             },
             layer_map=resolved_map,
             block_prefix=adapter.block_prefix(source) if resolved_map is not None else None,
             original_source_shapes=original_source_shapes,
         ))
-    solved = time.perf_counter()
     context = {
         "adapter": adapter, "source": source, "target": target, "ranks": ranks,
-        "timings": {"statistics_s": collected - started, "maps_s": solved - collected},
+        "timings": {"statistics_s": statistics_s, "maps_s": maps_s},
     }
     return plans, context
 
