@@ -14,6 +14,7 @@ from .engine import (
     task_vector_from_models,
     transport,
 )
+from .fidelity import measure_update_alignment
 from .errors import (
     CalibrationError,
     CorruptFileError,

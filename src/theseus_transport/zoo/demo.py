@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..transport import apply_task_vector, build_plans, load_task_vector, measure_alignment
+from ..transport import apply_task_vector, build_plans, load_task_vector, measure_alignment, measure_update_alignment
 from ..transport.io import check_writable
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,10 @@ def transport_task(bench: TaskBench, source: torch.nn.Module, task_vector: dict[
             if label == "Theseus (rank-aware)" and batches == max(settings.calibration_batches):
                 entry["alignment"] = measure_alignment(context["adapter"], context["source"], context["target"],
                                                        plan.maps, bench.held_out, plan.metadata["token_alignment"])
+                entry["update_alignment"] = measure_update_alignment(
+                    context["adapter"], context["source"], apply_task_vector(copy.deepcopy(context["source"]), task_vector),
+                    context["target"], apply_task_vector(copy.deepcopy(context["target"]), transported),
+                    plan.maps, bench.held_out, plan.metadata["token_alignment"])
             entry["mean_norm_ratio"] = sum(k.norm_ratio for k in norms) / max(len(norms), 1)
             per_variant[label] = entry
         results[str(batches)] = {"variants": per_variant, "seconds": time.perf_counter() - started}

@@ -86,28 +86,60 @@ def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> str:
               f"{_mean(ratios):.2f}; {reached}.", ""]
     lines += _diagnostics_lines(results)
     lines += _depth_lines(results)
-    alignment = _alignment_table(results)
-    if alignment:
-        lines += ["## Alignment (paper Sec. 4.7)", "",
-                  "Mean cosine similarity of paired source/target activations on held-out images, before "
-                  "(zero-pad / crop) and after the Theseus maps, averaged over tasks.", "",
-                  "| capture point | before | after |", "|---|---|---|"]
-        lines += [f"| {space} | {before:.3f} | {after:.3f} |" for space, (before, after) in alignment.items()]
+    lines += _alignment_lines(results)
     text = "\n".join(lines) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
     return text
 
 
-def _alignment_table(results: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    collected: dict[str, list[tuple[float, float]]] = {}
+def _alignment_lines(results: dict[str, Any]) -> list[str]:
+    """Per capture point, averaged over tasks: base-model alignment before/after the maps, and update fidelity."""
+    collected: dict[str, dict[str, list[float]]] = {}
     for task in results["tasks"].values():
         largest = max(task["transport"], key=int)
-        alignment = task["transport"][largest]["variants"].get("Theseus (rank-aware)", {}).get("alignment", {})
-        for space, values in alignment.items():
-            collected.setdefault(space, []).append((values["before"], values["after"]))
-    return {space: (_mean([b for b, _ in pairs]), _mean([a for _, a in pairs])) for space, pairs in sorted(collected.items())}
+        entry = task["transport"][largest]["variants"].get("Theseus (rank-aware)", {})
+        for space, values in entry.get("alignment", {}).items():
+            point = collected.setdefault(space, {})
+            point.setdefault("before", []).append(values["before"])
+            point.setdefault("after", []).append(values["after"])
+        for space, values in entry.get("update_alignment", {}).items():
+            point = collected.setdefault(space, {})
+            point.setdefault("update", []).append(values["cosine"])
+            point.setdefault("ratio", []).append(values["norm_ratio"])
+    if not collected:
+        return []
 
+    def cell(values: list[float] | None) -> str:
+        return f"{_mean(values):.3f}" if values else "-"
+
+    lines = ["## Alignment (paper Sec. 4.7) and update fidelity", "",
+             "Per capture point, averaged over tasks (Theseus rank-aware, largest calibration set): mean cosine "
+             "similarity of paired source/target activations of the base models on held-out images, before "
+             "(zero-pad / crop) and after the maps; and the update fidelity: cosine between the source's activation "
+             "change under its task vector (carried by the map) and the target's activation change under the "
+             "transported task vector, with the ratio of their norms (target / mapped source).", "",
+             "| capture point | before | after | update cosine | update norm ratio |", "|---|---|---|---|---|"]
+    for space, point in sorted(collected.items(), key=lambda item: _point_order(item[0])):
+        lines.append(f"| {space} | {cell(point.get('before'))} | {cell(point.get('after'))} | "
+                     f"{cell(point.get('update'))} | {cell(point.get('ratio'))} |")
+    return lines
+
+
+# the order in which a residual block's capture points are computed
+_BLOCK_POINT_ORDER = ("ln_1:out", "attn:q", "attn:k", "attn:v", "attn:ctx", "attn:out", "ln_2:out", "mlp.c_fc:out",
+                      "mlp.c_proj:in", "mlp.c_proj:out")
+
+
+def _point_order(space: str) -> tuple[int, int, str]:
+    """Capture points in forward order: the embedding, block by block, then the output."""
+    if space.startswith("ln_pre"):
+        return (-1, 0, space)
+    if "resblocks." in space:
+        block, point = space.split("resblocks.")[1].split(".", 1)
+        rank = _BLOCK_POINT_ORDER.index(point) if point in _BLOCK_POINT_ORDER else len(_BLOCK_POINT_ORDER)
+        return (int(block), rank, space)
+    return (1 << 30, 0, space)
 
 
 def _diagnostics_lines(results: dict[str, Any]) -> list[str]:

@@ -1,0 +1,60 @@
+"""Update fidelity: the transported update moves the target's activations like the task vector moved the source's."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from theseus_transport import apply_task_vector, transport
+from theseus_transport.families import get_family
+from theseus_transport.transport import measure_update_alignment
+
+from twins import permuted_twin, random_task_vector, tiny_vit
+
+NOT_TRANSPORTED = ("conv1", "class_embedding", "positional_embedding")
+
+
+@pytest.fixture(scope="module")
+def twin_transport():
+    torch.manual_seed(0)
+    source = tiny_vit()
+    twin, _ = permuted_twin(source)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    calibration = [{"source": images, "target": images} for images in torch.randn(2, 16, 3, 16, 16)]
+    held_out = [{"source": images, "target": images} for images in torch.randn(2, 8, 3, 16, 16)]
+    result = transport(source, twin, task_vector, calibration, map_mode="rank_aware", progress=False)
+    return source, twin, task_vector, result, held_out
+
+
+def _measure(source, twin, task_vector, target_vector, result, held_out):
+    return measure_update_alignment(
+        get_family("openclip"), source, apply_task_vector(copy.deepcopy(source), task_vector),
+        twin, apply_task_vector(copy.deepcopy(twin), target_vector),
+        result.plan.maps, held_out, result.plan.metadata["token_alignment"],
+    )
+
+
+def test_exact_transport_on_a_twin_has_full_fidelity_at_every_point(twin_transport):
+    source, twin, task_vector, result, held_out = twin_transport
+    fidelity = _measure(source, twin, task_vector, result.task_vector, result, held_out)
+    assert set(fidelity) == set(result.plan.maps)
+    changed = {space: values for space, values in fidelity.items() if not math.isnan(values["cosine"])}
+    assert len(changed) >= len(fidelity) - 1  # every point after the first transported layer moves
+    for space, values in changed.items():
+        assert values["cosine"] > 1 - 1e-6, space
+        assert abs(values["norm_ratio"] - 1) < 1e-4, space
+
+
+def test_an_unrelated_update_scores_low_and_no_update_scores_zero_norm(twin_transport):
+    source, twin, task_vector, result, held_out = twin_transport
+    unrelated = random_task_vector(twin, lambda key: key in result.task_vector, seed=7)
+    fidelity = _measure(source, twin, task_vector, unrelated, result, held_out)
+    cosines = [values["cosine"] for values in fidelity.values() if not math.isnan(values["cosine"])]
+    assert max(abs(c) for c in cosines) < 0.9 and sum(abs(c) for c in cosines) / len(cosines) < 0.5
+
+    nothing = {key: torch.zeros_like(value) for key, value in result.task_vector.items()}
+    fidelity = _measure(source, twin, task_vector, nothing, result, held_out)
+    assert all(values["norm_ratio"] == 0.0 and math.isnan(values["cosine"]) for values in fidelity.values())
