@@ -90,9 +90,9 @@ def test_different_image_sizes_transport():
     assert sum(after) > sum(before)
 
 
-def tiny_t5(d_model: int, d_ff: int, heads: int, seed: int, gated: bool = False) -> T5EncoderModel:
+def tiny_t5(d_model: int, d_ff: int, heads: int, seed: int, gated: bool = False, layers: int = 2) -> T5EncoderModel:
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=384, d_model=d_model, d_ff=d_ff, num_heads=heads, d_kv=8, num_layers=2,
+    config = T5Config(vocab_size=384, d_model=d_model, d_ff=d_ff, num_heads=heads, d_kv=8, num_layers=layers,
                       feed_forward_proj="gated-gelu" if gated else "relu", dropout_rate=0.0)
     return T5EncoderModel(config).eval()
 
@@ -120,6 +120,35 @@ def test_t5_pair_with_different_widths_and_heads(gated):
     tokens = next(iter(result.plan.metadata["calibration_tokens"].values()))
     assert tokens == 3 * 8 * 20
     assert "shared.weight" in result.report.skipped or "shared.weight" not in task_vector
+
+
+def t5_calibration(batches: int = 3) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(batches):
+        batch = {"input_ids": torch.randint(0, 384, (8, 24), generator=generator), "attention_mask": torch.ones(8, 24, dtype=torch.long)}
+        items.append({"source": batch, "target": batch})
+    return items
+
+
+def test_t5_depth_expansion_transport():
+    # only block 0 of a T5 stack owns the relative attention bias; expanded blocks must not invent keys
+    source, deep = tiny_t5(32, 64, 4, 0, layers=2), tiny_t5(48, 96, 6, 1, layers=4)
+    task_vector = random_task_vector(source, lambda key: "embed" not in key and "shared" not in key)
+    with pytest.raises(DepthMismatchError, match="layer_map"):
+        transport(source, deep, task_vector, t5_calibration(1), progress=False)
+    result = transport(source, deep, task_vector, t5_calibration(), layer_map="interpolate", progress=False)
+    state = deep.state_dict()
+    assert set(result.task_vector) <= set(state)
+    assert all(result.task_vector[k].shape == state[k].shape for k in result.task_vector)
+    assert {f"encoder.block.{i}.layer.1.DenseReluDense.wo.weight" for i in range(4)} <= set(result.task_vector)
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert bias in result.report.skipped and bias not in result.task_vector
+    updated = apply_task_vector(copy.deepcopy(deep), result.task_vector)
+    batch = t5_calibration(1)[0]["target"]
+    with torch.no_grad():
+        before, after = deep(**batch).last_hidden_state, updated(**batch).last_hidden_state
+    assert torch.isfinite(after).all() and not torch.allclose(before, after)
 
 
 def test_bitwise_deterministic_on_cpu():
