@@ -58,3 +58,15 @@ def test_an_unrelated_update_scores_low_and_no_update_scores_zero_norm(twin_tran
     nothing = {key: torch.zeros_like(value) for key, value in result.task_vector.items()}
     fidelity = _measure(source, twin, task_vector, nothing, result, held_out)
     assert all(values["norm_ratio"] == 0.0 and math.isnan(values["cosine"]) for values in fidelity.values())
+
+
+def test_transport_reports_update_fidelity_even_from_a_one_shot_iterator(twin_transport):
+    source, twin, task_vector, _, held_out = twin_transport
+    calibration = [{"source": images, "target": images} for images in torch.randn(2, 16, 3, 16, 16)]
+    result = transport(source, twin, task_vector, calibration, held_out=iter(held_out), progress=False)
+    assert result.report.alignment and set(result.report.update_alignment) == set(result.report.alignment)
+    expected = _measure(source, twin, task_vector, result.task_vector, result, held_out)
+    for space, values in expected.items():
+        reported = result.report.update_alignment[space]
+        assert reported["cosine"] == pytest.approx(values["cosine"], nan_ok=True), space
+    assert "update fidelity on held-out batches" in result.report.summary()

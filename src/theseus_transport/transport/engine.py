@@ -8,6 +8,7 @@ float64); maps are moved to the CPU at the end and updates are cast to the param
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -374,6 +375,8 @@ class TransportReport:
     ranks: dict[str, dict[str, int]] = field(default_factory=dict)
     alignment: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # per capture point: does the transported update move the target like the task vector moved the source
+    update_alignment: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dict."""
@@ -400,6 +403,13 @@ class TransportReport:
             lines.append(f"activation cosine on held-out batches, mean over {len(self.alignment)} layers: before {before:.4f} after {after:.4f}")
             for space, values in sorted(self.alignment.items()):
                 lines.append(f"  {space:58s} {values['before']:.4f} -> {values['after']:.4f}")
+        moved = {s: v for s, v in self.update_alignment.items() if not math.isnan(v["cosine"])}
+        if moved:
+            mean = sum(v["cosine"] for v in moved.values()) / len(moved)
+            lines.append(f"update fidelity on held-out batches (cosine of the target's activation change with the "
+                         f"source's, mapped; norm ratio), mean over {len(moved)} layers: {mean:.4f}")
+            for space, values in sorted(moved.items()):
+                lines.append(f"  {space:58s} {values['cosine']:.4f}  x{values['norm_ratio']:.3f}")
         return "\n".join(lines)
 
 
@@ -651,12 +661,22 @@ def transport(
     transported, norms, skipped = plan.apply(task_vector, seed=seed)
     scaled = {key: (value.to(torch.float64) * alpha).to(value.dtype) for key, value in transported.items()} if alpha != 1.0 else transported
     timings = dict(context["timings"], apply_s=time.perf_counter() - started)
-    alignment = {}
+    alignment, update_alignment = {}, {}
     if held_out is not None:
+        from .fidelity import measure_update_alignment  # fidelity imports this module
+
+        # read twice (alignment, then update fidelity): a one-shot iterator is kept as a list
+        held_out = list(held_out) if iter(held_out) is held_out else held_out
         alignment = measure_alignment(adapter, context["source"], context["target"], plan.maps, held_out, plan.metadata["token_alignment"])
+        update_alignment = measure_update_alignment(
+            adapter, context["source"], apply_task_vector(copy.deepcopy(context["source"]), plan.expand(task_vector)),
+            context["target"], apply_task_vector(copy.deepcopy(context["target"]), scaled),
+            plan.maps, held_out, plan.metadata["token_alignment"],
+        )
     report = TransportReport(
         method=method, map_mode=map_mode, alpha=alpha, settings=dict(plan.metadata),
         keys=norms, skipped=skipped, ranks=context["ranks"], alignment=alignment, timings=timings,
+        update_alignment=update_alignment,
     )
     if any(math.isnan(k.norm_ratio) for k in norms if k.source_norm > 0):
         raise CalibrationError("a transported update is NaN; the calibration statistics are degenerate")
