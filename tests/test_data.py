@@ -8,7 +8,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import json
 import time
 from collections import Counter
 
@@ -34,47 +33,28 @@ from theseus_transport.data import (
     sample_k_batches,
     sample_k_shots,
 )
+from theseus_transport.arguments import init_arguments
 from theseus_transport.transport.errors import OfflineError
+# one_torch_thread is an autouse fixture: importing it is what applies it to this module
+from tiny_clip import image_split, one_torch_thread, register_tiny_openclip  # noqa: F401
 
 SOURCE, TARGET = "tt-data-source", "tt-data-target"
 CLASSNAMES = ["red thing", "green thing", "blue thing"]
-TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine OpenMP spinning costs 100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_openclip_configs(tmp_path_factory):
     """Register two tiny OpenCLIP configs of different width and image size (no weights needed)."""
-    folder = tmp_path_factory.mktemp("openclip_configs")
-    for name, size, width in ((SOURCE, 32, 32), (TARGET, 40, 48)):
-        config = {
-            "embed_dim": 16,
-            "vision_cfg": {"image_size": size, "layers": 2, "width": width, "patch_size": 8, "head_width": 8},
-            "text_cfg": TEXT_CFG,
-        }
-        (folder / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
+    register_tiny_openclip(tmp_path_factory.mktemp("openclip_configs"), {SOURCE: (32, 32), TARGET: (40, 48)})
+
+
+def _flat_colour(rng: np.random.Generator, label: int) -> np.ndarray:
+    return np.broadcast_to(rng.integers(0, 256, size=3).astype(np.uint8), (24, 24, 3)).copy()
 
 
 def _image_split(count: int, seed: int) -> datasets.Dataset:
     """Each image is one flat colour, unique per example, so its pixel mean identifies it."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for index in range(count):
-        label = index % len(CLASSNAMES)
-        colour = rng.integers(0, 256, size=3).astype(np.uint8)
-        images.append(Image.fromarray(np.broadcast_to(colour, (24, 24, 3)).copy()))
-        labels.append(label)
-    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=CLASSNAMES)})
-    return datasets.Dataset.from_dict({"img": images, "fine_label": labels}, features=features)
+    return image_split(count, seed, CLASSNAMES, _flat_colour, image_column="img", label_column="fine_label")
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +233,20 @@ def test_text_datamodule_maps_string_labels_like_scitail():
     assert module.classnames == ["entails", "neutral"]
     labels = torch.cat([batch["labels"] for batch in module.val_dataloader()])
     assert set(labels.tolist()) == {0, 1}
+
+
+# ----- argument forwarding ---------------------------------------------------------------------------------------
+
+
+def test_init_arguments_forwards_by_name_and_refuses_missing_ones():
+    class Base:
+        def __init__(self, a: int, b: int = 2) -> None:
+            self.a, self.b = a, b
+
+    assert init_arguments(Base, {"a": 1, "b": 5, "self": None, "other": 9}) == {"a": 1, "b": 5}
+    assert init_arguments(Base, {"a": 1}, b=7) == {"a": 1, "b": 7}
+    with pytest.raises(TypeError, match=r"\['b'\] to Base"):
+        init_arguments(Base, {"a": 1})
 
 
 # ----- registry ------------------------------------------------------------------------------------------------

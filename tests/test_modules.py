@@ -8,16 +8,12 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import json
-
 import datasets
 import lightning as L
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from theseus_transport.data import ImageClassificationDataModule, TextPairDataModule
 from theseus_transport.modules import (
@@ -29,45 +25,29 @@ from theseus_transport.modules import (
 )
 from theseus_transport.transport.errors import OfflineError, OutputExistsError
 from theseus_transport.transport.io import load_task_vector
+# one_torch_thread is an autouse fixture: importing it is what applies it to this module
+from tiny_clip import image_split, one_torch_thread, register_tiny_openclip  # noqa: F401
+from tiny_tasks import text_data
 
 TINY = "tt-modules-vit"
 CLASSNAMES = ["red", "green", "blue"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine OpenMP spinning costs 100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module", autouse=True)
 def tiny_openclip_config(tmp_path_factory):
     """Register a tiny OpenCLIP config (random weights, offline tokenizer)."""
-    folder = tmp_path_factory.mktemp("openclip_configs")
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-    }
-    (folder / f"{TINY}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
+    register_tiny_openclip(tmp_path_factory.mktemp("openclip_configs"), {TINY: (32, 32)})
+
+
+def _dominant_channel(rng: np.random.Generator, label: int) -> np.ndarray:
+    pixels = rng.integers(0, 90, size=(16, 16, 3))
+    pixels[..., label] += 160
+    return pixels.astype(np.uint8)
 
 
 def _colour_split(count: int, seed: int) -> datasets.Dataset:
     """An easy task: the label is the image's dominant colour channel."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for index in range(count):
-        label = index % 3
-        pixels = rng.integers(0, 90, size=(16, 16, 3))
-        pixels[..., label] += 160
-        images.append(Image.fromarray(pixels.astype(np.uint8)))
-        labels.append(label)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSNAMES)})
-    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+    return image_split(count, seed, CLASSNAMES, _dominant_channel)
 
 
 @pytest.fixture(scope="module")
@@ -224,23 +204,8 @@ def test_warmup_cosine_schedule():
 
 
 def _text_data() -> TextPairDataModule:
-    def split(count: int, offset: int) -> datasets.Dataset:
-        label = [index % 2 for index in range(count)]
-        premise = [f"case {offset + index}: the sky is {'blue' if y else 'green'}" for index, y in enumerate(label)]
-        hypothesis = ["yes yes yes" if y else "no no no" for y in label]
-        return datasets.Dataset.from_dict(
-            {"premise": premise, "hypothesis": hypothesis, "label": label},
-            features=datasets.Features(
-                {
-                    "premise": datasets.Value("string"),
-                    "hypothesis": datasets.Value("string"),
-                    "label": datasets.ClassLabel(names=["entailment", "not_entailment"]),
-                }
-            ),
-        )
-
-    raw = datasets.DatasetDict({"train": split(32, 0), "validation": split(8, 100), "test": split(8, 200)})
-    return TextPairDataModule.from_datasets(raw, name="toy-rte", tokenizer_name="byt5-offline", max_length=48, batch_size=8)
+    # the shared easy task; its validation split is never read here (the trainers skip validation)
+    return text_data(max_length=48)
 
 
 def test_text_classifier_trains_and_writes_a_t5_task_vector(tmp_path):

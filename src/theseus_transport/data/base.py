@@ -1,4 +1,4 @@
-"""Split handling and calibration sampling shared by the image and text datamodules."""
+"""Split handling, labels and paired calibration loaders shared by the image and text datamodules."""
 
 from __future__ import annotations
 
@@ -15,6 +15,16 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from .calibration import CALIBRATION_PROTOCOLS, sample_k_batches, sample_k_shots
 from .sources import TOY_PREFIX, ZOO_PREFIX, load_dataset_dict
 from .splits import CALIBRATION_SPLIT, limit, standard_splits
+
+
+def resolve_task(
+    find: Callable[[str, str | None], Any | None], dataset: str, dataset_config: str | None
+) -> tuple[Any | None, str, str | None]:
+    """Return (registry spec or None, dataset, config): a known short name or id resolves to the spec's hub id and config."""
+    spec = find(dataset, dataset_config)
+    if spec is None:
+        return None, dataset, dataset_config
+    return spec, spec.hub_id, spec.config
 
 
 class EpochRandomSampler(RandomSampler):
@@ -42,7 +52,12 @@ class EpochRandomSampler(RandomSampler):
 
 
 class TaskDataModule(L.LightningDataModule):
-    """Base datamodule: load a dataset, standardise its splits, sample calibration examples."""
+    """Base datamodule: load a dataset, standardise its splits, sample calibration examples.
+
+    Subclasses resolve registry short names to ``self.spec`` (a task spec with ``name`` and split
+    names), set ``label_column`` (and ``label_map`` for string labels) and ``_classnames`` once the
+    splits exist, and implement ``_wrap`` and ``_paired``.
+    """
 
     def __init__(
         self,
@@ -82,6 +97,10 @@ class TaskDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self._raw: datasets.DatasetDict | None = None
         self._splits: dict[str, datasets.Dataset] | None = None
+        self.spec: Any | None = None  # the registry's task spec, set by subclasses for known datasets
+        self.label_column: str | None = None
+        self.label_map: dict | None = None  # string label -> integer, for datasets with string labels
+        self._classnames: list[str] | None = None
 
     # ----- construction from in-memory data --------------------------------------------------------
     @classmethod
@@ -93,8 +112,10 @@ class TaskDataModule(L.LightningDataModule):
 
     # ----- hooks for subclasses ----------------------------------------------------------------------
     def _split_names(self) -> dict[str, str | None]:
-        """Return train_split / val_split / test_split names for standard_splits."""
-        return {}
+        """Return train_split / val_split / test_split names for standard_splits: the spec's, if any."""
+        if self.spec is None:
+            return {}
+        return {"train_split": self.spec.train_split, "val_split": self.spec.val_split, "test_split": self.spec.test_split}
 
     def _clean(self, dataset: datasets.Dataset) -> datasets.Dataset:
         """Drop unusable rows (e.g. unlabelled ones); identity by default."""
@@ -104,11 +125,18 @@ class TaskDataModule(L.LightningDataModule):
         """Inspect columns and features once the splits exist."""
 
     def _labels(self, dataset: datasets.Dataset) -> list[int]:
-        """Return the integer labels of a split (for k-shot sampling)."""
-        raise NotImplementedError
+        """Return the integer labels of a split (for k-shot sampling), mapped through label_map if set."""
+        labels = dataset[self.label_column]
+        return [int(self.label_map[label] if self.label_map is not None else label) for label in labels]
 
     def _wrap(self, split: str) -> Dataset:
         """Return the torch Dataset that yields training / evaluation examples of a split."""
+        raise NotImplementedError
+
+    def _paired(
+        self, split: datasets.Dataset, source_model_name: str | None, source_pretrained: str | None, **options: Any
+    ) -> tuple[Dataset, Callable | None]:
+        """Return the dataset of a split prepared for both the source and the target model, and its collate."""
         raise NotImplementedError
 
     def _collate(self) -> Callable | None:
@@ -117,11 +145,26 @@ class TaskDataModule(L.LightningDataModule):
     # ----- names ---------------------------------------------------------------------------------------
     @property
     def task_name(self) -> str:
-        """Short task name: the zoo task, the registry name, or the last part of the id or path."""
+        """Short task name: the registry's, the zoo task, the toy name, or the last part of the id or path."""
+        if self.spec is not None:
+            return self.spec.name
         for prefix in (ZOO_PREFIX, TOY_PREFIX):
             if self.dataset.startswith(prefix):
                 return self.dataset[len(prefix) :]
         return Path(self.dataset.rstrip("/")).name
+
+    @property
+    def classnames(self) -> list[str]:
+        """Class names in label order."""
+        self._ensure_splits()
+        if self._classnames is None:
+            raise ValueError(f"{self.dataset!r} has no ClassLabel names; pass classnames=[...] to the datamodule")
+        return list(self._classnames)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classnames)
 
     # ----- splits ------------------------------------------------------------------------------------------
     def _is_remote(self) -> bool:
@@ -217,17 +260,45 @@ class TaskDataModule(L.LightningDataModule):
         indices = torch.randperm(available, generator=generator)[: min(wanted, available)].tolist()
         return [indices[start : start + size] for start in range(0, len(indices), size)][rank::world_size]
 
-    def _calibration_loader(
+    def calibration_dataloader(
         self,
-        paired: Dataset,
+        source_model_name: str | None = None,
+        source_pretrained: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> DataLoader:
+        """Paired calibration batches: the same examples prepared for the source and the target model.
+
+        The source model defaults to the datamodule's own setting; a callback that knows the source
+        model passes it here instead. ``rank``/``world_size`` shard the batches.
+        """
+        return self._paired_loader(source_model_name, source_pretrained, rank, world_size)
+
+    def held_out_dataloader(
+        self,
+        source_model_name: str | None = None,
+        source_pretrained: str | None = None,
+        batches: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> DataLoader:
+        """Paired batches like calibration, drawn from the validation split (for the activation-cosine report)."""
+        return self._paired_loader(source_model_name, source_pretrained, rank, world_size, held_out_batches=batches)
+
+    def _paired_loader(
+        self,
+        source_model_name: str | None,
+        source_pretrained: str | None,
         rank: int,
         world_size: int,
-        collate_fn: Callable | None = None,
-        batch_sampler: list[list[int]] | None = None,
+        held_out_batches: int | None = None,
+        **options: Any,
     ) -> DataLoader:
-        return DataLoader(
-            paired,
-            batch_sampler=batch_sampler if batch_sampler is not None else self.calibration_batches_for(rank, world_size),
-            num_workers=self.num_workers,
-            collate_fn=collate_fn,
-        )
+        """Paired batches of the calibration examples, or of ``held_out_batches`` validation batches."""
+        split = self.calibration_split() if held_out_batches is None else self.held_out_split()
+        paired, collate = self._paired(split, source_model_name, source_pretrained, **options)
+        if held_out_batches is None:
+            batch_sampler = self.calibration_batches_for(rank, world_size)
+        else:
+            batch_sampler = self.held_out_batches_for(held_out_batches, rank, world_size)
+        return DataLoader(paired, batch_sampler=batch_sampler, num_workers=self.num_workers, collate_fn=collate)

@@ -9,9 +9,10 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .base import TaskDataModule
+from ..arguments import init_arguments
+from .base import TaskDataModule, resolve_task
 from .preprocess import openclip_image_transform
 from .registry import find_vision_task
 from .sources import ZOO_PREFIX, class_names_from_features, find_image_column, find_label_column
@@ -102,27 +103,9 @@ class ImageClassificationDataModule(TaskDataModule):
         templates: list[str] | None = None,
         cache_dir: str | None = None,
     ) -> None:
-        spec = find_vision_task(dataset, dataset_config)
-        if spec is not None:  # a short name resolves to its hub id and config
-            dataset, dataset_config = spec.hub_id, spec.config
-        super().__init__(
-            dataset=dataset,
-            dataset_config=dataset_config,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            calibration_protocol=calibration_protocol,
-            calibration_batches=calibration_batches,
-            calibration_batch_size=calibration_batch_size,
-            calibration_shots=calibration_shots,
-            calibration_seed=calibration_seed,
-            val_fraction=val_fraction,
-            seed=seed,
-            train_limit=train_limit,
-            val_limit=val_limit,
-            test_limit=test_limit,
-            cache_dir=cache_dir,
-        )
+        spec, dataset, dataset_config = resolve_task(find_vision_task, dataset, dataset_config)
+        # the signature above stays explicit because LightningCLI reads it; the base's share goes on by name
+        super().__init__(**init_arguments(TaskDataModule, locals()))
         self.save_hyperparameters()
         self.spec = spec
         self.model_name, self.pretrained = model_name, pretrained
@@ -131,15 +114,8 @@ class ImageClassificationDataModule(TaskDataModule):
         self._classnames_override = list(classnames) if classnames is not None else None
         self._templates_override = list(templates) if templates is not None else None
         self.image_column: str | None = None
-        self.label_column: str | None = None
-        self._classnames: list[str] | None = None
 
     # ----- names, prompts ----------------------------------------------------------------------------
-    @property
-    def task_name(self) -> str:
-        """Registry short name for known hub datasets, else the zoo task / folder / id tail."""
-        return self.spec.name if self.spec is not None else super().task_name
-
     def _zoo_task(self) -> Any | None:
         if not self.dataset.startswith(ZOO_PREFIX):
             return None
@@ -152,15 +128,7 @@ class ImageClassificationDataModule(TaskDataModule):
         """Class names in label order (override, zoo task, or the ClassLabel feature)."""
         if self._classnames_override is not None:
             return list(self._classnames_override)
-        self._ensure_splits()
-        if self._classnames is None:
-            raise ValueError(f"{self.dataset!r} has no ClassLabel names; pass classnames=[...] to the datamodule")
-        return list(self._classnames)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.classnames)
+        return super().classnames
 
     @property
     def templates(self) -> list[str]:
@@ -173,11 +141,6 @@ class ImageClassificationDataModule(TaskDataModule):
         return templates_for(self.task_name)
 
     # ----- splits ------------------------------------------------------------------------------------------
-    def _split_names(self) -> dict[str, str | None]:
-        if self.spec is None:
-            return {}
-        return {"train_split": self.spec.train_split, "val_split": self.spec.val_split, "test_split": self.spec.test_split}
-
     def _on_splits_ready(self, splits: dict[str, datasets.Dataset]) -> None:
         features = splits["train"].features
         self.image_column = find_image_column(features)
@@ -187,9 +150,6 @@ class ImageClassificationDataModule(TaskDataModule):
             self._classnames = list(zoo_task.classnames)
         else:
             self._classnames = class_names_from_features(features, self.label_column)
-
-    def _labels(self, dataset: datasets.Dataset) -> list[int]:
-        return [int(label) for label in dataset[self.label_column]]
 
     # ----- transforms and datasets ---------------------------------------------------------------------
     def target_transform(self, train: bool = False) -> Callable:
@@ -201,45 +161,20 @@ class ImageClassificationDataModule(TaskDataModule):
         transform = self.target_transform(train=split == "train")
         return ImageLabelDataset(splits[split], self.image_column, self.label_column, transform)
 
-    def _paired(self, split: datasets.Dataset, source_model_name: str | None, source_pretrained: str | None) -> Dataset:
+    def _paired(
+        self, split: datasets.Dataset, source_model_name: str | None, source_pretrained: str | None, **options: Any
+    ) -> tuple[Dataset, None]:
+        """Each example through the source and the target eval transform; the source defaults to the datamodule's."""
         source_model_name = source_model_name or self.source_model_name
         if source_pretrained is None and source_model_name == self.source_model_name:
             source_pretrained = self.source_pretrained
         if source_model_name is None:
             raise ValueError("calibration needs the source model: set source_model_name on the datamodule or pass it here")
-        return PairedImageDataset(
+        paired = PairedImageDataset(
             split,
             self.image_column,
             self.label_column,
             source_transform=openclip_image_transform(source_model_name, source_pretrained, train=False),
             target_transform=openclip_image_transform(self.model_name, self.pretrained, train=False),
         )
-
-    def calibration_dataloader(
-        self,
-        source_model_name: str | None = None,
-        source_pretrained: str | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> DataLoader:
-        """Paired calibration batches ``{"source", "target", "label"}``: same examples, each model's eval transform.
-
-        The source model defaults to the datamodule's ``source_model_name``; a callback that knows
-        the source model can pass it here instead. ``rank``/``world_size`` shard the batches.
-        """
-        self._ensure_splits()
-        paired = self._paired(self.calibration_split(), source_model_name, source_pretrained)
-        return self._calibration_loader(paired, rank, world_size)
-
-    def held_out_dataloader(
-        self,
-        source_model_name: str | None = None,
-        source_pretrained: str | None = None,
-        batches: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> DataLoader:
-        """Paired batches like calibration, drawn from the validation split (for the activation-cosine report)."""
-        self._ensure_splits()
-        paired = self._paired(self.held_out_split(), source_model_name, source_pretrained)
-        return self._calibration_loader(paired, rank, world_size, batch_sampler=self.held_out_batches_for(batches, rank, world_size))
+        return paired, None

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .base import TaskDataModule
+from ..arguments import init_arguments
+from .base import TaskDataModule, resolve_task
 from .registry import find_text_task
 from .sources import find_label_column
 from .tokenizers import load_tokenizer
@@ -117,54 +118,22 @@ class TextPairDataModule(TaskDataModule):
         test_limit: int | None = None,
         cache_dir: str | None = None,
     ) -> None:
-        spec = find_text_task(dataset, dataset_config)
-        if spec is not None:
-            dataset, dataset_config = spec.hub_id, spec.config
-        super().__init__(
-            dataset=dataset,
-            dataset_config=dataset_config,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            calibration_protocol=calibration_protocol,
-            calibration_batches=calibration_batches,
-            calibration_batch_size=calibration_batch_size,
-            calibration_shots=calibration_shots,
-            calibration_seed=calibration_seed,
-            val_fraction=val_fraction,
-            seed=seed,
-            train_limit=train_limit,
-            val_limit=val_limit,
-            test_limit=test_limit,
-            cache_dir=cache_dir,
-        )
+        spec, dataset, dataset_config = resolve_task(find_text_task, dataset, dataset_config)
+        # the signature above stays explicit because LightningCLI reads it; the base's share goes on by name
+        super().__init__(**init_arguments(TaskDataModule, locals()))
         self.save_hyperparameters()
         self.spec = spec
         self.tokenizer_name, self.source_tokenizer_name = tokenizer_name, source_tokenizer_name
         self.max_length, self.text_template = max_length, text_template
         self.columns: tuple[str, str] | None = None
-        self.label_column: str | None = None
-        self.label_map: dict | None = None
-        self._classnames: list[str] | None = None
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
 
     @property
     def task_name(self) -> str:
         """Registry short name (mnli, rte, ...) for known datasets, else the config or id tail."""
-        if self.spec is not None:
-            return self.spec.name
-        return self.dataset_config or super().task_name
-
-    @property
-    def classnames(self) -> list[str]:
-        """Label names in label order."""
-        self._ensure_splits()
-        return list(self._classnames)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of labels."""
-        return len(self.classnames)
+        if self.spec is None and self.dataset_config:
+            return self.dataset_config
+        return super().task_name
 
     def tokenizer(self, name: str | None = None) -> PreTrainedTokenizerBase:
         """The (cached) tokenizer of a name; the target tokenizer by default."""
@@ -174,11 +143,6 @@ class TextPairDataModule(TaskDataModule):
         return self._tokenizers[name]
 
     # ----- splits ------------------------------------------------------------------------------------------
-    def _split_names(self) -> dict[str, str | None]:
-        if self.spec is None:
-            return {}
-        return {"train_split": self.spec.train_split, "val_split": self.spec.val_split, "test_split": self.spec.test_split}
-
     def _columns_for(self, features: datasets.Features) -> tuple[tuple[str, str], str]:
         if self.spec is not None:
             return (self.spec.first_column, self.spec.second_column), self.spec.label_column
@@ -209,10 +173,6 @@ class TextPairDataModule(TaskDataModule):
             self._classnames = [str(index) for index in range(int(max(splits["train"][self.label_column])) + 1)]
             self.label_map = None
 
-    def _labels(self, dataset: datasets.Dataset) -> list[int]:
-        labels = dataset[self.label_column]
-        return [int(self.label_map[label] if self.label_map is not None else label) for label in labels]
-
     # ----- dataloaders ------------------------------------------------------------------------------------
     def _wrap(self, split: str) -> Dataset:
         splits = self._ensure_splits()
@@ -225,7 +185,15 @@ class TextPairDataModule(TaskDataModule):
         """Name of the source tokenizer: explicit, the datamodule's, the source model's, else the target's."""
         return source_tokenizer_name or self.source_tokenizer_name or source_model_name or self.tokenizer_name
 
-    def _paired(self, split: datasets.Dataset, source_name: str) -> tuple[Dataset, PairedTokenizer]:
+    def _paired(
+        self,
+        split: datasets.Dataset,
+        source_model_name: str | None,
+        source_pretrained: str | None,
+        source_tokenizer_name: str | None = None,
+    ) -> tuple[Dataset, PairedTokenizer]:
+        """Raw rows of a split and a collate that tokenises them with the source and the target tokenizer."""
+        source_name = self.source_tokenizer_for(source_model_name, source_tokenizer_name)
         paired = TextPairDataset(split, self.columns, self.label_column, self.label_map)
         collate = PairedTokenizer(
             PairTokenizer(self.tokenizer(source_name), self.max_length, self.text_template),
@@ -247,9 +215,9 @@ class TextPairDataModule(TaskDataModule):
         like ``source_model_name`` (what a callback passes; T5 sizes share one tokenizer), else the
         target's. ``source_pretrained`` is accepted for the callback's uniform call and not needed.
         """
-        self._ensure_splits()
-        paired, collate = self._paired(self.calibration_split(), self.source_tokenizer_for(source_model_name, source_tokenizer_name))
-        return self._calibration_loader(paired, rank, world_size, collate_fn=collate)
+        return self._paired_loader(
+            source_model_name, source_pretrained, rank, world_size, source_tokenizer_name=source_tokenizer_name
+        )
 
     def held_out_dataloader(
         self,
@@ -261,8 +229,11 @@ class TextPairDataModule(TaskDataModule):
         source_tokenizer_name: str | None = None,
     ) -> DataLoader:
         """Paired batches like calibration, drawn from the validation split (for the activation-cosine report)."""
-        self._ensure_splits()
-        paired, collate = self._paired(self.held_out_split(), self.source_tokenizer_for(source_model_name, source_tokenizer_name))
-        return self._calibration_loader(
-            paired, rank, world_size, collate_fn=collate, batch_sampler=self.held_out_batches_for(batches, rank, world_size)
+        return self._paired_loader(
+            source_model_name,
+            source_pretrained,
+            rank,
+            world_size,
+            held_out_batches=batches,
+            source_tokenizer_name=source_tokenizer_name,
         )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arguments import init_arguments
 from ..data.templates import GENERIC_TEMPLATES
 from .base import EncoderClassifier
 from .heads import zeroshot_logits, zeroshot_weights
@@ -61,17 +62,8 @@ class ImageClassifier(EncoderClassifier):
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        super().__init__(
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            max_steps=max_steps,
-            label_smoothing=label_smoothing,
-            task_vector_out=task_vector_out,
-            task_name=task_name,
-            overwrite=overwrite,
-            freeze_encoder=freeze_encoder,
-        )
+        # the signature above stays explicit because LightningCLI reads it; the base's share goes on by name
+        super().__init__(**init_arguments(EncoderClassifier, locals()))
         self._save_own_hyperparameters()
         self.model_name, self.pretrained, self.head_kind = model_name, pretrained, head
         clip_model, tokenizer = load_openclip_model(model_name, pretrained)
@@ -192,18 +184,5 @@ class LinearProbe(ImageClassifier):
         task_name: str | None = None,
         overwrite: bool = False,
     ) -> None:
-        super().__init__(
-            model_name=model_name,
-            pretrained=pretrained,
-            head="linear",
-            classnames=classnames,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            max_steps=max_steps,
-            label_smoothing=label_smoothing,
-            task_vector_out=task_vector_out,
-            task_name=task_name,
-            overwrite=overwrite,
-            freeze_encoder=True,
-        )
+        # the signature above stays explicit because LightningCLI reads it; the rest of ImageClassifier's is fixed
+        super().__init__(**init_arguments(ImageClassifier, locals(), head="linear", templates=None, freeze_encoder=True))

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arguments import init_arguments
 from .base import EncoderClassifier
 
 
@@ -47,17 +48,8 @@ class TextClassifier(EncoderClassifier):
         overwrite: bool = False,
         freeze_encoder: bool = False,
     ) -> None:
-        super().__init__(
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            max_steps=max_steps,
-            label_smoothing=label_smoothing,
-            task_vector_out=task_vector_out,
-            task_name=task_name,
-            overwrite=overwrite,
-            freeze_encoder=freeze_encoder,
-        )
+        # the signature above stays explicit because LightningCLI reads it; the base's share goes on by name
+        super().__init__(**init_arguments(EncoderClassifier, locals()))
         self._save_own_hyperparameters()
         self.model_name, self.pretrained = model_name, None  # T5 weights are named by model_name alone
         self.encoder = load_t5(model_name)
