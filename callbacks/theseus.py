@@ -57,6 +57,7 @@ class TheseusCallback(Callback):
         map_mode: str = "rank_aware",
         alpha: float = 1.0,
         center: bool = False,
+        transport_embeddings: bool = False,
         token_alignment: str | None = None,
         layer_map: str | None = None,
         held_out_batches: int = 0,
@@ -72,6 +73,7 @@ class TheseusCallback(Callback):
         self.map_mode = map_mode
         self.alpha = alpha
         self.center = center
+        self.transport_embeddings = transport_embeddings
         self.token_alignment = token_alignment
         self.layer_map = layer_map
         self.held_out_batches = held_out_batches
@@ -188,7 +190,8 @@ class TheseusCallback(Callback):
             )
         result = transport(
             source, target, task_vector, calibration, family=family, method=self.method, map_mode=self.map_mode,
-            alpha=self.alpha, center=self.center, token_alignment=self.token_alignment, layer_map=self.layer_map,
+            alpha=self.alpha, center=self.center, transport_embeddings=self.transport_embeddings,
+            token_alignment=self.token_alignment, layer_map=self.layer_map,
             held_out=self._held_out(trainer) if rank == 0 else None, seed=self.seed, reduce_fn=reduce_fn,
             progress=rank == 0,
         )
@@ -206,6 +209,7 @@ class TheseusCallback(Callback):
             "source_pretrained": self.source_pretrained,
             "method": self.method,
             "map_mode": self.map_mode,
+            "transport_embeddings": self.transport_embeddings,
             "alpha": self.alpha,
             "calibration_batches_per_rank": len(calibration),
             "world_size": world_size,

@@ -345,3 +345,32 @@ def test_statistics_reject_non_finite_rows_and_stay_unchanged(bad, batch_product
     with pytest.raises(CalibrationError, match="NaN or Inf"):
         statistics.update(torch.ones(5, 3), rows)
     assert statistics.count == 5 and torch.equal(statistics.cross, before)
+
+
+def test_embedding_stage_transport_follows_the_token_grid_and_refuses_other_pixel_spaces():
+    source = tiny_vit(width=32, image_size=16, patch_size=4)              # 4 x 4 patches + CLS = 17 tokens
+    target = tiny_vit(width=48, heads=6, image_size=20, patch_size=4, seed=1)  # 5 x 5 + CLS = 26
+    task_vector = random_task_vector(source, lambda key: True)
+    calibration = [{"source": torch.randn(8, 3, 16, 16), "target": torch.randn(8, 3, 20, 20)} for _ in range(2)]
+    result = transport(source, target, task_vector, calibration, transport_embeddings=True, progress=False)
+    assert result.task_vector["positional_embedding"].shape == (26, 48)
+    assert result.task_vector["conv1.weight"].shape == (48, 3, 4, 4)
+    assert result.plan.metadata["embeddings"] is True and "ln_pre:in" in result.plan.maps
+    # the class-token row of the positional embedding goes through the map untouched by the resampling
+    embedding_map = result.plan.maps["ln_pre:in"].to(torch.float64)
+    expected_cls = task_vector["positional_embedding"][0].to(torch.float64) @ embedding_map
+    assert torch.allclose(result.task_vector["positional_embedding"][0].to(torch.float64), expected_cls, atol=1e-6)
+    # other patch size: the pixel spaces differ, so the patch embedding is skipped with the reason
+    coarse = tiny_vit(width=48, heads=6, image_size=16, patch_size=8, seed=1)
+    calibration = [{"source": images, "target": images} for images in torch.randn(2, 8, 3, 16, 16)]
+    result = transport(source, coarse, task_vector, calibration, transport_embeddings=True,
+                       token_alignment="mean", progress=False)
+    assert "different pixel spaces" in result.report.skipped["conv1.weight"]
+    assert result.task_vector["positional_embedding"].shape == (5, 48)
+
+
+def test_embedding_stage_transport_is_refused_for_t5():
+    source, target = tiny_t5(32, 64, 4, 0), tiny_t5(48, 96, 6, 1)
+    task_vector = random_task_vector(source, lambda key: "embed" not in key and "shared" not in key)
+    with pytest.raises(ValueError, match="no embedding-stage transport"):
+        transport(source, target, task_vector, t5_calibration(1), transport_embeddings=True, progress=False)

@@ -97,6 +97,10 @@ class FamilyAdapter(ABC):
     def param_rules(self, encoder: nn.Module, map_mode: str) -> dict[str, ParamRule]:
         """Return a rule (pieces or skip reason) for every floating-point key of the encoder."""
 
+    def embedding_rules(self, source: nn.Module, target: nn.Module) -> dict[str, ParamRule]:
+        """Rules for the embedding-stage keys (transport_embeddings=True); families without one refuse."""
+        raise ValueError(f"the {self.name!r} family has no embedding-stage transport; leave transport_embeddings off")
+
     @abstractmethod
     @contextlib.contextmanager
     def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:

@@ -14,11 +14,13 @@ from ..transport.errors import OfflineError
 from ..transport.rule import ParamRule, Piece
 from .base import Capture, FamilyAdapter, hook_input, hook_output, register_family
 
+# the token sum (patch embeddings, class token, positional embedding) that enters ln_pre
+EMBEDDING_SPACE = "ln_pre:in"
 NOT_TRANSPORTED = {
-    "conv1.weight": "patch embedding: maps pixels, not a captured activation space (DESIGN item 5)",
-    "conv1.bias": "patch embedding bias: not a captured activation space",
-    "class_embedding": "class token: an embedding, not a linear map between activations",
-    "positional_embedding": "positional embedding: token-count dependent, not a linear map",
+    "conv1.weight": "patch embedding: not transported by default (DESIGN item 5; see transport_embeddings)",
+    "conv1.bias": "patch embedding bias: not transported by default (DESIGN item 5; see transport_embeddings)",
+    "class_embedding": "class token: not transported by default (DESIGN item 5; see transport_embeddings)",
+    "positional_embedding": "positional embedding: not transported by default (DESIGN item 5; see transport_embeddings)",
 }
 
 
@@ -182,6 +184,27 @@ class OpenCLIPVisionAdapter(FamilyAdapter):
             rules[key] = ParamRule(skip_reason=NOT_TRANSPORTED.get(key, "no transport rule for this parameter"))
         return rules
 
+    def embedding_rules(self, source: nn.Module, target: nn.Module) -> dict[str, ParamRule]:
+        """Rules for the patch embedding, class token and positional embedding, in the embedding-sum space.
+
+        Beyond the paper (DESIGN item 5 leaves these keys untransported): their output is the token
+        sum fed to `ln_pre` (captured as `ln_pre:in`), so its map carries them; the patch embedding's
+        input side is pixels, the same space in both models when patch size and channels agree; the
+        positional embedding's rows are resampled to the target's token grid as for the statistics.
+        """
+        rules = {"class_embedding": ParamRule((Piece("vector", EMBEDDING_SPACE),)),
+                 "positional_embedding": ParamRule((Piece("token_rows", EMBEDDING_SPACE),))}
+        source_patch, target_patch = source.conv1.weight.shape[1:], target.conv1.weight.shape[1:]
+        if source_patch == target_patch:
+            rules["conv1.weight"] = ParamRule((Piece("output_matrix", EMBEDDING_SPACE),))
+        else:
+            rules["conv1.weight"] = ParamRule(skip_reason=(
+                f"patch embedding: source patches {tuple(source_patch)} and target patches {tuple(target_patch)} "
+                "(channels x height x width) are different pixel spaces"))
+        if source.conv1.bias is not None:
+            rules["conv1.bias"] = ParamRule((Piece("vector", EMBEDDING_SPACE),))
+        return rules
+
     @contextlib.contextmanager
     def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:
         """Hook norms, MLP linears and the output; swap attention for CapturingAttention meanwhile."""
@@ -192,6 +215,7 @@ class OpenCLIPVisionAdapter(FamilyAdapter):
 
         try:
             # ln_pre and ln_post act on batch-first tensors outside the transformer
+            handles.append(_hook_batch_first_input(encoder.ln_pre, capture, EMBEDDING_SPACE))
             handles.append(_hook_batch_first_output(encoder.ln_pre, capture, "ln_pre:out"))
             handles.append(_hook_ln_post(encoder, capture))
             handles.append(_hook_batch_first_output(encoder, capture, "proj:out"))
@@ -221,6 +245,13 @@ class OpenCLIPVisionAdapter(FamilyAdapter):
         if isinstance(batch, dict):
             batch = batch.get("image", batch.get("pixel_values"))
         encoder(batch)
+
+
+def _hook_batch_first_input(module: nn.Module, capture: Capture, space: str) -> torch.utils.hooks.RemovableHandle:
+    def hook(_module: nn.Module, inputs: Any, _output: Any) -> None:
+        capture.put(space, inputs[0], sequence_first=False)
+
+    return module.register_forward_hook(hook)
 
 
 def _hook_batch_first_output(module: nn.Module, capture: Capture, space: str) -> torch.utils.hooks.RemovableHandle:

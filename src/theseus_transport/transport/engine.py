@@ -479,9 +479,14 @@ def _resolve_depth(adapter: Any, source: nn.Module, target: nn.Module, layer_map
     return layer_map
 
 
-def _variant_rules(adapter: Any, source: nn.Module, target: nn.Module, map_mode: str) -> dict[str, ParamRule]:
+def _variant_rules(adapter: Any, source: nn.Module, target: nn.Module, map_mode: str, embeddings: bool = False) -> dict[str, ParamRule]:
     source_rules = adapter.param_rules(source, map_mode)
     target_rules = adapter.param_rules(target, map_mode)
+    if embeddings:
+        # the family's embedding-stage rules replace the default skips of those keys on both sides
+        embedding_rules = adapter.embedding_rules(source, target)
+        source_rules.update({key: rule for key, rule in embedding_rules.items() if key in source_rules})
+        target_rules.update({key: rule for key, rule in embedding_rules.items() if key in target_rules})
     rules: dict[str, ParamRule] = {}
     for key, rule in source_rules.items():
         if not rule.skipped and (key not in target_rules or target_rules[key].skipped):
@@ -506,15 +511,17 @@ def build_plans(
     progress: bool = True,
     batch_products: str = "float64",
 ) -> tuple[list[TransportPlan], dict[str, Any]]:
-    """Compute plans for several (method, map_mode, center) variants from ONE pass of calibration data.
+    """Compute plans for several (method, map_mode, center, embeddings) variants from ONE pass of calibration data.
 
-    Each variant is a mapping with optional keys 'method', 'map_mode' and 'center'; the statistics of
-    the union of their capture points are collected once and every variant's maps derive from them.
+    Each variant is a mapping with optional keys 'method', 'map_mode', 'center' and 'embeddings'
+    (also transport the embedding stage: see `transport`); the statistics of the union of their
+    capture points are collected once and every variant's maps derive from them.
     With `memory_budget_bytes`, the points are split into groups whose statistics and SVD factors
     fit the budget; each group gets its own pass, its maps are built right after it, and its
     statistics are dropped before the next pass (the finished maps are kept: they are the plans).
     """
-    variants = [dict(method=v.get("method", "theseus"), map_mode=v.get("map_mode", DEFAULT_MAP_MODE), center=bool(v.get("center", False))) for v in variants]
+    variants = [dict(method=v.get("method", "theseus"), map_mode=v.get("map_mode", DEFAULT_MAP_MODE), center=bool(v.get("center", False)),
+                     embeddings=bool(v.get("embeddings", False))) for v in variants]
     for variant in variants:
         if variant["map_mode"] not in MAP_MODES:
             raise ValueError(f"unknown map mode {variant['map_mode']!r}; choose one of {MAP_MODES}")
@@ -527,9 +534,11 @@ def build_plans(
         original_source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items() if v.is_floating_point()}
         source = expand_module(source, adapter.blocks(source), adapter.block_prefix(source), resolved_map)
     token_alignment = token_alignment or adapter.default_token_alignment
-    rules_by_mode = {mode: _variant_rules(adapter, source, target, mode) for mode in {v["map_mode"] for v in variants}}
+    rules_by_mode = {(v["map_mode"], v["embeddings"]): _variant_rules(adapter, source, target, v["map_mode"], v["embeddings"])
+                     for v in variants}
     needed_by_variant = [
-        set().union(*(rule.spaces() for rule in rules_by_mode[v["map_mode"]].values() if not rule.skipped)) for v in variants
+        set().union(*(rule.spaces() for rule in rules_by_mode[v["map_mode"], v["embeddings"]].values() if not rule.skipped))
+        for v in variants
     ]
     spaces = set().union(*needed_by_variant)
     _check_batch_products(batch_products)
@@ -576,11 +585,12 @@ def build_plans(
             family=adapter.name,
             method=variant["method"],
             maps=variant_maps,
-            rules=rules_by_mode[variant["map_mode"]],
+            rules=rules_by_mode[variant["map_mode"], variant["embeddings"]],
             source_shapes=source_shapes,
             target_shapes=target_shapes,
             metadata={
-                "map_mode": variant["map_mode"], "center": variant["center"], "token_alignment": token_alignment,
+                "map_mode": variant["map_mode"], "center": variant["center"], "embeddings": variant["embeddings"],
+                "token_alignment": token_alignment,
                 "rank_rtol": rank_rtol, "ridge": ridge, "seed": seed, "batch_products": batch_products,
                 "calibration_tokens": {s: tokens[s] for s in sorted(needed)},
                 "source": adapter.describe(source), "target": adapter.describe(target),
@@ -604,6 +614,7 @@ def build_plan(
     method: str = "theseus",
     map_mode: str = DEFAULT_MAP_MODE,
     center: bool = False,
+    embeddings: bool = False,
     **options: Any,
 ) -> tuple[TransportPlan, dict[str, Any]]:
     """Compute the maps of one method between two base models; return the plan and context.
@@ -612,7 +623,8 @@ def build_plan(
     memory_budget_bytes, reduce_fn, progress, batch_products).
     """
     plans, context = build_plans(
-        source_base, target_base, calibration, [dict(method=method, map_mode=map_mode, center=center)], family=family, **options
+        source_base, target_base, calibration, [dict(method=method, map_mode=map_mode, center=center, embeddings=embeddings)],
+        family=family, **options
     )
     return plans[0], context
 
@@ -629,6 +641,7 @@ def transport(
     map_mode: str = DEFAULT_MAP_MODE,
     alpha: float = 1.0,
     center: bool = False,
+    transport_embeddings: bool = False,
     token_alignment: str | None = None,
     layer_map: LayerMap | str | None = None,
     held_out: Iterable[Any] | None = None,
@@ -646,12 +659,14 @@ def transport(
     'source' and 'target' or as (source, target) tuples; `held_out` (same form, disjoint examples)
     is used only to report activation cosine similarity before and after the maps. The returned
     task vector is already scaled by `alpha` and keyed like the target encoder's state dict.
+    `transport_embeddings=True` also carries the embedding stage (OpenCLIP: patch embedding, class
+    token, positional embedding) through a map of the embedding sum: beyond the paper, off by default.
     """
     if (task_vector is None) == (source_finetuned is None):
         raise ValueError("pass exactly one of task_vector and source_finetuned")
     plan, context = build_plan(
         source_base, target_base, calibration, family=family, method=method, map_mode=map_mode, center=center,
-        token_alignment=token_alignment, layer_map=layer_map, rank_rtol=rank_rtol, ridge=ridge, seed=seed,
+        embeddings=transport_embeddings, token_alignment=token_alignment, layer_map=layer_map, rank_rtol=rank_rtol, ridge=ridge, seed=seed,
         memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress, batch_products=batch_products,
     )
     adapter = context["adapter"]

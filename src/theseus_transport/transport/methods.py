@@ -34,7 +34,7 @@ def _random_like_norm(shape: tuple[int, ...], norm: torch.Tensor, key: str, seed
 
 def rule_update(key: str, rule: ParamRule, delta: torch.Tensor, maps: dict[str, torch.Tensor], target_shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Send the source update through the maps with the transport rule."""
-    return transport_parameter(rule, delta, maps)
+    return transport_parameter(rule, delta, maps, target_shape)
 
 
 def random_update(key: str, rule: ParamRule, delta: torch.Tensor, maps: dict[str, torch.Tensor], target_shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ def random_update(key: str, rule: ParamRule, delta: torch.Tensor, maps: dict[str
 def random_through_maps_update(key: str, rule: ParamRule, delta: torch.Tensor, maps: dict[str, torch.Tensor], target_shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """A random source update of equal norm, sent through the learned maps."""
     noise = _random_like_norm(tuple(delta.shape), delta.to(torch.float64).norm(), key, seed)
-    return transport_parameter(rule, noise, maps)
+    return transport_parameter(rule, noise, maps, target_shape)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("Theseus (rank-aware)", dict(method="theseus", map_mode="rank_aware")),
     ("Theseus (paper)", dict(method="theseus", map_mode="paper")),
     ("Theseus (rank-aware, centered)", dict(method="theseus", map_mode="rank_aware", center=True)),
+    # beyond the paper: the patch / positional embedding and class token through the embedding-sum map
+    ("Theseus (rank-aware, + embeddings)", dict(method="theseus", map_mode="rank_aware", embeddings=True)),
     ("Zero-pad", dict(method="zero_pad")),
     ("Random (equal norm)", dict(method="random")),
     ("Random through maps", dict(method="random_maps")),
