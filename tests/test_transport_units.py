@@ -315,9 +315,12 @@ def test_memory_budget_groups_give_identical_statistics(monkeypatch):
         assert list(one.maps) == list(other.maps) and all(torch.equal(one.maps[s], other.maps[s]) for s in one.maps)
         assert one.metadata == other.metadata
     assert list(single_context["ranks"].items()) == list(split_context["ranks"].items())
-    # the budget counts a point's statistics (Grams included) plus its SVD factors U and V^T, once per centering
+    # the budget counts a point's statistics (Grams included) plus its SVD factors U and V^T, once per centering;
+    # a derived point (c_proj:out, from c_proj:in) is computed in its input's pass, so it is counted with it
     c_proj_in = CrossStatistics(128, 192, with_grams=True).nbytes() + 2 * 8 * (128 + 192) * 128
-    assert sizes_seen[0]["transformer.resblocks.0.mlp.c_proj:in"] == c_proj_in
+    c_proj_out = CrossStatistics(32, 48, with_grams=True).nbytes() + 2 * 8 * (32 + 48) * 32
+    assert sizes_seen[0]["transformer.resblocks.0.mlp.c_proj:in"] == c_proj_in + c_proj_out
+    assert "transformer.resblocks.0.mlp.c_proj:out" not in sizes_seen[0]
 
 
 def test_one_calibration_pass_serves_several_methods():

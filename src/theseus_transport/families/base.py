@@ -14,6 +14,10 @@ from ..transport.rule import ParamRule
 
 MAP_MODES = ("rank_aware", "paper")
 
+# an output capture point's link to its input point: (input point, weight `out x in`, bias or None),
+# meaning output = input @ weight.T + bias for every token
+LinearLink = tuple[str, torch.Tensor, torch.Tensor | None]
+
 
 class Capture:
     """Activations of the current batch, filled by hooks, keyed by space name (B x N x D).
@@ -105,6 +109,14 @@ class FamilyAdapter(ABC):
     @contextlib.contextmanager
     def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:
         """Install hooks that fill a Capture with the wanted spaces on each forward pass."""
+
+    def linear_outputs(self, encoder: nn.Module) -> dict[str, LinearLink]:
+        """Return {output point: (input point, weight, bias)} for points that are a linear layer of another point.
+
+        The engine derives such a point's statistics from its input point's (no per-batch products)
+        when it collects both. Default: none, every point is captured.
+        """
+        return {}
 
     @abstractmethod
     def forward(self, encoder: nn.Module, batch: Any) -> None:

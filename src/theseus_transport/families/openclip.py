@@ -12,7 +12,7 @@ from torch import nn
 
 from ..transport.errors import OfflineError
 from ..transport.rule import ParamRule, Piece
-from .base import Capture, FamilyAdapter, hook_input, hook_output, register_family
+from .base import Capture, FamilyAdapter, LinearLink, hook_input, hook_output, register_family
 
 # the token sum (patch embeddings, class token, positional embedding) that enters ln_pre
 EMBEDDING_SPACE = "ln_pre:in"
@@ -204,6 +204,31 @@ class OpenCLIPVisionAdapter(FamilyAdapter):
         if source.conv1.bias is not None:
             rules["conv1.bias"] = ParamRule((Piece("vector", EMBEDDING_SPACE),))
         return rules
+
+    def linear_outputs(self, encoder: nn.Module) -> dict[str, LinearLink]:
+        """Link q, k, v (ln_1:out), attn out (attn:ctx), c_fc (ln_2:out), c_proj and proj:tokens (ln_post:out) to their inputs."""
+        self._check_supported(encoder)
+        links: dict[str, LinearLink] = {}
+        for index, block in enumerate(encoder.transformer.resblocks):
+            p = f"transformer.resblocks.{index}"
+            attention = block.attn
+            width = attention.embed_dim
+            # CapturingAttention projects ln_1's output with row slices of the fused in_proj (q, k, v)
+            for i, name in enumerate("qkv"):
+                rows = slice(i * width, (i + 1) * width)
+                bias = None if attention.in_proj_bias is None else attention.in_proj_bias[rows]
+                links[f"{p}.attn:{name}"] = (f"{p}.ln_1:out", attention.in_proj_weight[rows], bias)
+            links[f"{p}.attn:out"] = (f"{p}.attn:ctx", attention.out_proj.weight, attention.out_proj.bias)
+            mlp = block.mlp
+            # only the standard MLP (Sequential c_fc, activation, c_proj) feeds ln_2's output to c_fc
+            if isinstance(getattr(mlp, "c_fc", None), nn.Linear):
+                links[f"{p}.mlp.c_fc:out"] = (f"{p}.ln_2:out", mlp.c_fc.weight, mlp.c_fc.bias)
+            if isinstance(getattr(mlp, "c_proj", None), nn.Linear):
+                links[f"{p}.mlp.c_proj:out"] = (f"{p}.mlp.c_proj:in", mlp.c_proj.weight, mlp.c_proj.bias)
+        if encoder.proj is not None:
+            # proj:tokens is ln_post:out @ proj (see _hook_ln_post): weight proj^T, no bias
+            links["proj:tokens"] = ("ln_post:out", encoder.proj.T, None)
+        return links
 
     @contextlib.contextmanager
     def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..transport.errors import OfflineError
 from ..transport.rule import ParamRule, Piece
-from .base import Capture, FamilyAdapter, hook_input, hook_output, register_family
+from .base import Capture, FamilyAdapter, LinearLink, hook_input, hook_output, register_family
 
 NOT_TRANSPORTED = {
     "shared.weight": "token embedding: indexed by token id, not a linear map between activations",
@@ -104,6 +104,23 @@ class T5EncoderAdapter(FamilyAdapter):
                 continue
             rules[key] = ParamRule(skip_reason=NOT_TRANSPORTED.get(key, "no transport rule for this parameter"))
         return rules
+
+    def linear_outputs(self, encoder: nn.Module) -> dict[str, LinearLink]:
+        """Link q, k, v and wi / wi_0 / wi_1 outputs to their layer norm's output, o and wo outputs to their inputs."""
+        links: dict[str, LinearLink] = {}
+        for p, attention_layer, ff_layer, _ in self._modules(encoder):
+            a, f = f"{p}.layer.0", f"{p}.layer.1"
+            attention, dense = attention_layer.SelfAttention, ff_layer.DenseReluDense
+            for name in "qkv":
+                linear = getattr(attention, name)
+                links[f"{a}.SelfAttention.{name}:out"] = (f"{a}.layer_norm:out", linear.weight, linear.bias)
+            links[f"{a}.SelfAttention.o:out"] = (f"{a}.SelfAttention.o:in", attention.o.weight, attention.o.bias)
+            for name in ("wi", "wi_0", "wi_1"):
+                if hasattr(dense, name):
+                    linear = getattr(dense, name)
+                    links[f"{f}.DenseReluDense.{name}:out"] = (f"{f}.layer_norm:out", linear.weight, linear.bias)
+            links[f"{f}.DenseReluDense.wo:out"] = (f"{f}.DenseReluDense.wo:in", dense.wo.weight, dense.wo.bias)
+        return links
 
     @contextlib.contextmanager
     def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:

@@ -33,6 +33,6 @@ from .similarity import linear_cka, procrustes_readout_accuracy
 from .maps import MapOptions, procrustes
 from .methods import METHODS, get_method
 from .plan import TransportPlan
-from .statistics import CrossStatistics, StatisticsSet
+from .statistics import CrossStatistics, StatisticsSet, derive_linear_output
 
 __all__ = [name for name in dir() if not name.startswith("_")]

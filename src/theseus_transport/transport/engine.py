@@ -28,7 +28,7 @@ from .maps import MapOptions, float64_svd, numerical_rank, procrustes_from_svd, 
 from .methods import get_method
 from .plan import KeyReport, TransportPlan
 from .rule import ParamRule
-from .statistics import BATCH_PRODUCT_DTYPES, CrossStatistics, ReduceFn, StatisticsSet
+from .statistics import BATCH_PRODUCT_DTYPES, CrossStatistics, ReduceFn, StatisticsSet, derive_linear_output
 
 log = logging.getLogger(__name__)
 
@@ -221,33 +221,82 @@ def svd_workspace_bytes(source_dim: int, target_dim: int) -> int:
     return 8 * (source_dim + target_dim) * min(source_dim, target_dim)
 
 
+@dataclass(frozen=True)
+class LinearDerivation:
+    """How a derived point's statistics follow from its input point's: Y = X W^T + b on each side."""
+
+    input_space: str
+    source_weight: torch.Tensor
+    source_bias: torch.Tensor | None
+    target_weight: torch.Tensor
+    target_bias: torch.Tensor | None
+
+    def apply(self, statistics: CrossStatistics) -> CrossStatistics:
+        """Return the derived point's statistics from its input point's."""
+        return derive_linear_output(statistics, self.source_weight, self.source_bias, self.target_weight, self.target_bias)
+
+
+def linear_derivations(adapter: Any, source: nn.Module, target: nn.Module, spaces: Iterable[str]) -> dict[str, LinearDerivation]:
+    """Return the points of `spaces` whose statistics are derived (not captured): linear outputs of a captured point.
+
+    A point qualifies when the adapter links it, in both models, to the same input point, and that
+    input is among `spaces` and captured itself. An input the caller did not ask for is not collected
+    just for this: it can be wider than the output (c_proj's input is 4x its output).
+    """
+    spaces = set(spaces)
+    source_links, target_links = adapter.linear_outputs(source), adapter.linear_outputs(target)
+    derivations = {}
+    for space in sorted(spaces & source_links.keys() & target_links.keys()):
+        (input_space, source_weight, source_bias), (target_input, target_weight, target_bias) = source_links[space], target_links[space]
+        if input_space != target_input or input_space not in spaces or input_space in source_links:
+            continue
+        derivations[space] = LinearDerivation(input_space, source_weight.detach(), None if source_bias is None else source_bias.detach(),
+                                              target_weight.detach(), None if target_bias is None else target_bias.detach())
+    return derivations
+
+
 def _statistics_groups(
     adapter: Any, source: nn.Module, target: nn.Module, calibration: Iterable[Any], spaces: Sequence[str],
     with_grams: bool, memory_budget_bytes: int | None, svd_copies: int = 0,
+    derivations: Mapping[str, LinearDerivation] | None = None,
 ) -> list[list[str]]:
-    # one group (one pass) without a budget; otherwise a probe batch gives each point's widths and the
-    # points are packed so each group's statistics plus `svd_copies` SVD factors fit the budget
+    # one group (one pass) without a budget; otherwise a probe batch gives each captured point's widths
+    # and the points are packed so each group's statistics plus `svd_copies` SVD factors fit the budget.
+    # A derived point is computed from its input point at the end of the pass that collects the input,
+    # so it is packed with its input as one unit (its widths are those of its weights)
+    derivations = derivations or {}
     if memory_budget_bytes is None:
         return [list(spaces)]
     first = next(iter(calibration), None)
     if first is None:
         raise CalibrationError("the calibration set is empty: at least one batch is needed")
+    captured = [space for space in spaces if space not in derivations]
     with _frozen_eval(source, target):
-        dims = _probe_dims(adapter, source, target, set(spaces), first)
-    sizes = {}
-    for space in spaces:
+        dims = _probe_dims(adapter, source, target, set(captured), first)
+    for space, derivation in derivations.items():
+        dims[space] = (derivation.source_weight.shape[0], derivation.target_weight.shape[0])
+
+    def size(space: str) -> int:
         source_dim, target_dim = dims.get(space, (0, 0))
-        sizes[space] = (CrossStatistics(source_dim, target_dim, with_grams=with_grams).nbytes()
-                        + svd_copies * svd_workspace_bytes(source_dim, target_dim))
-    return plan_groups(sizes, memory_budget_bytes)
+        return (CrossStatistics(source_dim, target_dim, with_grams=with_grams).nbytes()
+                + svd_copies * svd_workspace_bytes(source_dim, target_dim))
+
+    dependents: dict[str, list[str]] = {space: [] for space in captured}
+    for space, derivation in derivations.items():
+        dependents[derivation.input_space].append(space)
+    units = {space: size(space) + sum(size(d) for d in dependents[space]) for space in captured}
+    return [sorted(name for space in group for name in [space, *dependents[space]]) for group in plan_groups(units, memory_budget_bytes)]
 
 
 def _collect_group(
     adapter: Any, source: nn.Module, target: nn.Module, calibration: Iterable[Any], group: Sequence[str],
     token_alignment: str, with_grams: bool, reduce_fn: ReduceFn | None, progress: bool, batch_products: str,
-    description: str,
+    description: str, derivations: Mapping[str, LinearDerivation] | None = None,
 ) -> StatisticsSet:
-    # one calibration pass accumulating the statistics of the points in `group` (then reduced across ranks)
+    # one calibration pass accumulating the statistics of the captured points in `group` (then reduced
+    # across ranks); the group's derived points are computed from their (reduced) input points after it
+    derived = {space: derivation for space, derivation in (derivations or {}).items() if space in group}
+    captured = [space for space in group if space not in derived]
     points: dict[str, CrossStatistics] = {}
     batches = 0
 
@@ -259,7 +308,7 @@ def _collect_group(
         except CalibrationError as error:
             raise CalibrationError(f"calibration batch {batches}, capture point {space!r}: {error}") from None
 
-    wanted = set(group)
+    wanted = set(captured)
     with _frozen_eval(source, target):
         with adapter.capture(source, wanted) as source_capture, adapter.capture(target, wanted) as target_capture:
             for item in tqdm(calibration, desc=description, disable=not progress, leave=False):
@@ -270,15 +319,19 @@ def _collect_group(
                         f"target {_batch_size(target_batch)}; pairs must hold the same examples"
                     )
                 _stream_batch(adapter, source, target, source_capture, target_capture, source_batch, target_batch,
-                              group, token_alignment, update)
+                              captured, token_alignment, update)
                 batches += 1
     if batches == 0:
         raise CalibrationError("the calibration set is empty: at least one batch is needed")
-    # points were created in hook order; keep the set in `group` (sorted) order
-    statistics = StatisticsSet({space: points[space] for space in group if space in points})
     if reduce_fn is not None:
-        statistics.reduce(reduce_fn)
-    return statistics
+        # every rank reduces the same captured points in the same (sorted) order
+        StatisticsSet({space: points[space] for space in sorted(points)}).reduce(reduce_fn)
+    # after the reduce, so every rank derives from the same totals (and nothing derived is reduced)
+    for space, derivation in derived.items():
+        if derivation.input_space in points:
+            points[space] = derivation.apply(points[derivation.input_space])
+    # points were created in hook order; keep the set in `group` (sorted) order
+    return StatisticsSet({space: points[space] for space in group if space in points})
 
 
 def _check_batch_products(batch_products: str) -> None:
@@ -302,6 +355,7 @@ def collect_statistics(
     reduce_fn: ReduceFn | None = None,
     progress: bool = True,
     batch_products: str = "float64",
+    derive_linear_outputs: bool = True,
 ) -> StatisticsSet:
     """Stream paired calibration batches through both base models and accumulate cross-statistics.
 
@@ -312,15 +366,19 @@ def collect_statistics(
     `reduce_fn` sums the statistics across processes (DDP) before anything is derived from them.
     `batch_products` ("float64" or "float32") is the dtype of each batch's products; the totals are
     float64 either way (see CrossStatistics).
+    `derive_linear_outputs` computes the statistics of a linear layer's output point from its input
+    point's, once per pass, instead of capturing it (`linear_derivations`); False captures every point.
     """
     _check_batch_products(batch_products)
     spaces = sorted(set(spaces))
-    groups = _statistics_groups(adapter, source, target, calibration, spaces, with_grams, memory_budget_bytes)
+    derivations = linear_derivations(adapter, source, target, spaces) if derive_linear_outputs else {}
+    groups = _statistics_groups(adapter, source, target, calibration, spaces, with_grams, memory_budget_bytes,
+                                derivations=derivations)
     statistics = StatisticsSet()
     for index, group in enumerate(groups):
         statistics.points.update(_collect_group(
             adapter, source, target, calibration, group, token_alignment, with_grams, reduce_fn, progress,
-            batch_products, _group_description(index, len(groups)),
+            batch_products, _group_description(index, len(groups)), derivations,
         ).points)
     return statistics
 
@@ -510,6 +568,7 @@ def build_plans(
     reduce_fn: ReduceFn | None = None,
     progress: bool = True,
     batch_products: str = "float64",
+    derive_linear_outputs: bool = True,
 ) -> tuple[list[TransportPlan], dict[str, Any]]:
     """Compute plans for several (method, map_mode, center, embeddings) variants from ONE pass of calibration data.
 
@@ -519,6 +578,9 @@ def build_plans(
     With `memory_budget_bytes`, the points are split into groups whose statistics and SVD factors
     fit the budget; each group gets its own pass, its maps are built right after it, and its
     statistics are dropped before the next pass (the finished maps are kept: they are the plans).
+    `derive_linear_outputs` (default) derives the statistics of linear layers' output points from
+    their input points' instead of capturing them (exact up to float64 rounding; see
+    `linear_derivations`); False captures every point, as before.
     """
     variants = [dict(method=v.get("method", "theseus"), map_mode=v.get("map_mode", DEFAULT_MAP_MODE), center=bool(v.get("center", False)),
                      embeddings=bool(v.get("embeddings", False))) for v in variants]
@@ -550,7 +612,9 @@ def build_plans(
     # the SVD factors of a point stay cached for its whole group, one per centering among the Procrustes
     # variants; baselines need comparable transient workspace (pinv, svdvals), so count at least one
     svd_copies = max(1, len({v["center"] for v in variants if get_method(v["method"]).build_map is theseus_map}))
-    groups = _statistics_groups(adapter, source, target, calibration, sorted(spaces), with_grams, memory_budget_bytes, svd_copies)
+    derivations = linear_derivations(adapter, source, target, spaces) if derive_linear_outputs else {}
+    groups = _statistics_groups(adapter, source, target, calibration, sorted(spaces), with_grams, memory_budget_bytes, svd_copies,
+                                derivations)
     maps_by_variant: list[dict[str, torch.Tensor]] = [{} for _ in variants]
     ranks_by_variant: list[dict[str, dict[str, int]]] = [{} for _ in variants]
     tokens: dict[str, int] = {}
@@ -562,7 +626,7 @@ def build_plans(
         pass_started = time.perf_counter()
         statistics = _collect_group(
             adapter, source, target, calibration, group, token_alignment, with_grams, reduce_fn, progress,
-            batch_products, _group_description(index, len(groups)),
+            batch_products, _group_description(index, len(groups)), derivations,
         )
         maps_started = time.perf_counter()
         svd_cache: SvdCache = {}
@@ -580,7 +644,9 @@ def build_plans(
     target_shapes = {k: tuple(v.shape) for k, v in target.state_dict().items() if v.is_floating_point()}
     plans, ranks = [], {}
     for variant, needed, variant_maps, variant_ranks in zip(variants, needed_by_variant, maps_by_variant, ranks_by_variant):
-        ranks.update(variant_ranks)
+        # sorted by point, whatever the groups were (a budget packs derived points with their inputs)
+        variant_maps = {space: variant_maps[space] for space in sorted(variant_maps)}
+        ranks.update({space: variant_ranks[space] for space in sorted(variant_ranks)})
         plans.append(TransportPlan(
             family=adapter.name,
             method=variant["method"],
@@ -592,6 +658,7 @@ def build_plans(
                 "map_mode": variant["map_mode"], "center": variant["center"], "embeddings": variant["embeddings"],
                 "token_alignment": token_alignment,
                 "rank_rtol": rank_rtol, "ridge": ridge, "seed": seed, "batch_products": batch_products,
+                "derived_points": sorted(derivations.keys() & needed),
                 "calibration_tokens": {s: tokens[s] for s in sorted(needed)},
                 "source": adapter.describe(source), "target": adapter.describe(target),
             },
@@ -620,7 +687,7 @@ def build_plan(
     """Compute the maps of one method between two base models; return the plan and context.
 
     `options` are those of `build_plans` (token_alignment, layer_map, rank_rtol, ridge, seed,
-    memory_budget_bytes, reduce_fn, progress, batch_products).
+    memory_budget_bytes, reduce_fn, progress, batch_products, derive_linear_outputs).
     """
     plans, context = build_plans(
         source_base, target_base, calibration, [dict(method=method, map_mode=map_mode, center=center, embeddings=embeddings)],
@@ -652,6 +719,7 @@ def transport(
     reduce_fn: ReduceFn | None = None,
     progress: bool = True,
     batch_products: str = "float64",
+    derive_linear_outputs: bool = True,
 ) -> TransportResult:
     """Transport a source task vector (or fine-tuned source) onto the target; return vector, report, plan.
 
@@ -661,6 +729,7 @@ def transport(
     task vector is already scaled by `alpha` and keyed like the target encoder's state dict.
     `transport_embeddings=True` also carries the embedding stage (OpenCLIP: patch embedding, class
     token, positional embedding) through a map of the embedding sum: beyond the paper, off by default.
+    `derive_linear_outputs=False` captures every point instead of deriving linear outputs (see `build_plans`).
     """
     if (task_vector is None) == (source_finetuned is None):
         raise ValueError("pass exactly one of task_vector and source_finetuned")
@@ -668,6 +737,7 @@ def transport(
         source_base, target_base, calibration, family=family, method=method, map_mode=map_mode, center=center,
         embeddings=transport_embeddings, token_alignment=token_alignment, layer_map=layer_map, rank_rtol=rank_rtol, ridge=ridge, seed=seed,
         memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress, batch_products=batch_products,
+        derive_linear_outputs=derive_linear_outputs,
     )
     adapter = context["adapter"]
     if task_vector is None:

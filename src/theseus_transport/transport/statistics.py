@@ -148,6 +148,64 @@ class CrossStatistics:
         return 8 * numbers
 
 
+def _linear_sum(weight: torch.Tensor, bias: torch.Tensor | None, column_sum: torch.Tensor, count: int) -> torch.Tensor:
+    # column sums of Y = X W^T + b: W s + n b
+    total = weight @ column_sum
+    return total if bias is None else total + count * bias
+
+
+def _linear_product(
+    left_weight: torch.Tensor, left_bias: torch.Tensor | None, left_sum: torch.Tensor,
+    product: torch.Tensor, right_weight: torch.Tensor, right_bias: torch.Tensor | None, right_sum: torch.Tensor, count: int,
+) -> torch.Tensor:
+    # Y_L^T Y_R = W_L P W_R^T + (W_L s_L) b_R^T + b_L (W_R s_R)^T + n b_L b_R^T, for P = X_L^T X_R
+    out = left_weight @ product @ right_weight.T
+    if right_bias is not None:
+        out += torch.outer(left_weight @ left_sum, right_bias)
+    if left_bias is not None:
+        out += torch.outer(left_bias, right_weight @ right_sum)
+    if left_bias is not None and right_bias is not None:
+        out += count * torch.outer(left_bias, right_bias)
+    return out
+
+
+def derive_linear_output(
+    statistics: CrossStatistics,
+    source_weight: torch.Tensor,
+    source_bias: torch.Tensor | None,
+    target_weight: torch.Tensor,
+    target_bias: torch.Tensor | None,
+) -> CrossStatistics:
+    """Return the statistics of Y = X W^T + b on both sides from those of the paired inputs X (exact, float64).
+
+    Valid whenever the paired output rows are the linear layers applied to the paired input rows,
+    which holds after any token alignment that mixes tokens with weights summing to 1 ('mean',
+    1-D / 2-D interpolation) or selects rows (padding masks): the bias then passes through unchanged.
+    Weights are `out x in` (nn.Linear convention); a missing bias is zero.
+    """
+    statistics._require()
+    device = statistics.cross.device
+    as64 = lambda t: None if t is None else t.detach().to(device=device, dtype=torch.float64)  # noqa: E731
+    weight_a, bias_a, weight_b, bias_b = as64(source_weight), as64(source_bias), as64(target_weight), as64(target_bias)
+    if weight_a.shape[1] != statistics.source_dim or weight_b.shape[1] != statistics.target_dim:
+        raise CalibrationError(
+            f"linear layers take inputs of width {weight_a.shape[1]} and {weight_b.shape[1]}, the input statistics "
+            f"have {statistics.source_dim} and {statistics.target_dim}"
+        )
+    n = statistics.count
+    sum_a, sum_b = statistics.source_sum, statistics.target_sum
+    derived = CrossStatistics(weight_a.shape[0], weight_b.shape[0], with_grams=statistics.with_grams,
+                              batch_products=statistics.batch_products)
+    derived.count = n
+    derived.source_sum = _linear_sum(weight_a, bias_a, sum_a, n)
+    derived.target_sum = _linear_sum(weight_b, bias_b, sum_b, n)
+    derived.cross = _linear_product(weight_a, bias_a, sum_a, statistics.cross, weight_b, bias_b, sum_b, n)
+    if statistics.with_grams:
+        derived.source_gram = _linear_product(weight_a, bias_a, sum_a, statistics.gram("source"), weight_a, bias_a, sum_a, n)
+        derived.target_gram = _linear_product(weight_b, bias_b, sum_b, statistics.gram("target"), weight_b, bias_b, sum_b, n)
+    return derived
+
+
 @dataclass
 class StatisticsSet(Mapping[str, CrossStatistics]):
     """Cross-statistics of every capture point, keyed by the point's name."""
