@@ -36,6 +36,14 @@ def test_transport_cli_writes_vector_sidecar_report_and_refuses_overwrite(tmp_pa
     assert all(abs(k["norm_ratio"] - 1) < 1e-6 for k in report["keys"] if ".wo." in k["key"])
     assert any(v["rank"] < v["full_rank"] for v in report["ranks"].values())
     assert report["alignment"], "held-out cosine before/after is reported"
+    assert set(report["update_alignment"]) == set(report["alignment"])
+    assert report["settings"]["derived_points"], "linear outputs' statistics are derived by default"
+    captured = tmp_path / "out" / "tv_wide_captured.safetensors"
+    assert main([*args[:-3], "--output", str(captured), "--no-progress", "--capture-linear-outputs"]) == 0
+    captured_report = json.loads(captured.with_suffix(".report.json").read_text())
+    assert not captured_report["settings"]["derived_points"]
+    captured_tensors, _ = load_task_vector(captured)
+    assert all(torch.allclose(captured_tensors[k], tensors[k], atol=1e-6) for k in tensors)
     before = output.read_bytes()
     assert main(args) == 1  # exists: refused, untouched
     assert "OutputExistsError" in capsys.readouterr().err

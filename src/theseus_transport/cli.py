@@ -84,6 +84,9 @@ def _transport_parser(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--map-mode", default="rank_aware", choices=["rank_aware", "paper"])
     method.add_argument("--alpha", type=float, default=1.0)
     method.add_argument("--center", action="store_true", help="centered cross-covariance (default: uncentered)")
+    method.add_argument("--capture-linear-outputs", action="store_true",
+                        help="accumulate linear outputs' statistics from activations instead of deriving them "
+                             "from their inputs' (slower; equal up to float rounding)")
     method.add_argument("--transport-embeddings", action="store_true",
                         help="also transport the embedding stage (OpenCLIP patch/positional embedding, class token); "
                              "beyond the paper, off by default")
@@ -121,7 +124,7 @@ def transport_main(options: argparse.Namespace) -> int:
     result = transport(
         source, target, task_vector, calibration, family=options.family, method=options.method,
         map_mode=options.map_mode, alpha=options.alpha, center=options.center,
-        transport_embeddings=options.transport_embeddings,
+        transport_embeddings=options.transport_embeddings, derive_linear_outputs=not options.capture_linear_outputs,
         token_alignment=options.token_alignment, layer_map=options.layer_map, held_out=held_out,
         seed=options.seed, memory_budget_bytes=budget, progress=not options.no_progress,
     )
