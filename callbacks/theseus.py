@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,9 @@ class TheseusCallback(Callback):
         if report.alignment:
             metrics["theseus/cosine_before"] = sum(v["before"] for v in report.alignment.values()) / len(report.alignment)
             metrics["theseus/cosine_after"] = sum(v["after"] for v in report.alignment.values()) / len(report.alignment)
+        moved = [v["cosine"] for v in report.update_alignment.values() if not math.isnan(v["cosine"])]
+        if moved:
+            metrics["theseus/update_cosine"] = sum(moved) / len(moved)
         # flat keys with plain values: every logger (TensorBoard hparams, CSV yaml, W&B) takes them as they are
         hyperparameters = {f"theseus/{k}": (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.state.items() if k != "applied"}
         for logger in trainer.loggers:

@@ -135,6 +135,7 @@ def test_fit_adds_alpha_times_the_engine_transport_before_the_first_step(tmp_pat
     assert theseus.state["task_vector_sha256"] == sidecar["sha256"]
     assert theseus.state["calibration_batches_per_rank"] == 2 and theseus.state["world_size"] == 1
     assert theseus.report.alignment  # the held-out batch fed the activation-cosine report
+    assert set(theseus.report.update_alignment) == set(theseus.report.alignment)  # and the update fidelity
     assert open(vector_path, "rb").read() == file_bytes  # files are only read
 
 
