@@ -118,19 +118,28 @@ class SectionTimer:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self._depth = 0
+        # time spent in sections nested inside each open section (innermost last)
+        self._nested: list[float] = []
 
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
-        """Time the enclosed block under `name` (nested sections are timed inclusively)."""
+        """Time the enclosed block under `name`, exclusive of nested sections (so sections add up).
+
+        Exclusive because the engine updates statistics inside the target's forward hooks: timed
+        inclusively, a forward section would count the statistics a second time.
+        """
         sync(self.device)
         started = time.perf_counter()
+        self._nested.append(0.0)
         try:
             yield
         finally:
             sync(self.device)
-            self.seconds[name] += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.seconds[name] += elapsed - self._nested.pop()
             self.calls[name] += 1
+            if self._nested:
+                self._nested[-1] += elapsed
 
     def wrap(self, owner: Any, attribute: str, name: str) -> Callable[[], None]:
         """Replace `owner.attribute` by a timed wrapper; return a function that restores it."""
