@@ -185,8 +185,10 @@ def derive_linear_output(
     """
     statistics._require()
     device = statistics.cross.device
-    as64 = lambda t: None if t is None else t.detach().to(device=device, dtype=torch.float64)  # noqa: E731
-    weight_a, bias_a, weight_b, bias_b = as64(source_weight), as64(source_bias), as64(target_weight), as64(target_bias)
+    weight_a, bias_a, weight_b, bias_b = (
+        None if tensor is None else tensor.detach().to(device=device, dtype=torch.float64)
+        for tensor in (source_weight, source_bias, target_weight, target_bias)
+    )
     if weight_a.shape[1] != statistics.source_dim or weight_b.shape[1] != statistics.target_dim:
         raise CalibrationError(
             f"linear layers take inputs of width {weight_a.shape[1]} and {weight_b.shape[1]}, the input statistics "
