@@ -181,3 +181,21 @@ def test_a_budget_keeps_each_derived_point_in_its_inputs_pass():
     assert budgeted.maps.keys() == unbudgeted.maps.keys()
     for space, matrix in unbudgeted.maps.items():
         assert torch.equal(budgeted.maps[space], matrix), space
+
+
+def test_generic_adapter_derives_every_linear_output_from_its_input():
+    from test_transport_exactness import EmbeddedResidualNet
+    from theseus_transport.families import GenericLinearAdapter
+
+    torch.manual_seed(0)
+    source, target = EmbeddedResidualNet(8, 16).double(), EmbeddedResidualNet(12, 20).double()
+    calibration = [(chunk, torch.randn(64, 12, dtype=torch.float64)) for chunk in torch.randn(3, 64, 8, dtype=torch.float64)]
+    adapter = GenericLinearAdapter()
+    spaces = {f"blocks.{i}.{layer}:{side}" for i in range(2) for layer in ("fc1", "fc2") for side in ("in", "out")}
+    derived = collect_statistics(adapter, source, target, calibration, spaces, "none", progress=False)
+    captured = collect_statistics(adapter, source, target, calibration, spaces, "none", progress=False,
+                                  derive_linear_outputs=False)
+    assert set(linear_derivations(adapter, source, target, spaces)) == {s for s in spaces if s.endswith(":out")}
+    for space in spaces:
+        assert relative(derived[space].cross, captured[space].cross) < 1e-10, space
+        assert relative(derived[space].source_sum, captured[space].source_sum) < 1e-10, space

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..transport.rule import ParamRule, Piece
-from .base import Capture, FamilyAdapter, hook_input, hook_output, register_family
+from .base import Capture, FamilyAdapter, LinearLink, hook_input, hook_output, register_family
 
 NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
@@ -59,6 +59,11 @@ class GenericLinearAdapter(FamilyAdapter):
             if key not in rules and value.is_floating_point():
                 rules[key] = ParamRule(skip_reason="not a parameter of an nn.Linear or norm layer")
         return rules
+
+    def linear_outputs(self, encoder: nn.Module) -> dict[str, LinearLink]:
+        """Link every nn.Linear's output point to its input point (both are captured by the hooks below)."""
+        return {f"{name}:out": (f"{name}:in", module.weight, module.bias)
+                for name, module in encoder.named_modules() if isinstance(module, nn.Linear)}
 
     @contextlib.contextmanager
     def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:
