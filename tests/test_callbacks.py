@@ -8,7 +8,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-import json
 import re
 from datetime import timedelta
 
@@ -30,6 +29,7 @@ from theseus_transport.data import ImageClassificationDataModule, TextPairDataMo
 from theseus_transport.families import load_base_encoder, load_t5_encoder
 from theseus_transport.modules import ImageClassifier, TextClassifier, snapshot_state
 from theseus_transport.transport import load_task_vector, save_task_vector, transport
+from tiny_clip import register_tiny_openclip
 from tiny_tasks import T5_SOURCE, T5_TARGET, t5_task_vector, text_data
 from twins import random_task_vector
 
@@ -275,15 +275,7 @@ def test_ddp_ranks_agree_with_one_process_on_the_same_calibration_data(tmp_path)
 def clip_pair(tmp_path_factory):
     """Register two tiny OpenCLIP configs and save a 'pretrained' checkpoint of the source."""
     folder = tmp_path_factory.mktemp("callback_clip")
-    text_cfg = {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}
-    for name, size, width in ((CLIP_SOURCE, 32, 32), (CLIP_TARGET, 40, 48)):
-        config = {
-            "embed_dim": 16,
-            "vision_cfg": {"image_size": size, "layers": 2, "width": width, "patch_size": 8, "head_width": 8},
-            "text_cfg": text_cfg,
-        }
-        (folder / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
+    register_tiny_openclip(folder, {CLIP_SOURCE: (32, 32), CLIP_TARGET: (40, 48)})
     torch.manual_seed(11)
     checkpoint = folder / "source.pt"
     source = open_clip.create_model(CLIP_SOURCE)
