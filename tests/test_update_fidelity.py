@@ -12,21 +12,16 @@ from theseus_transport import apply_task_vector, transport
 from theseus_transport.families import get_family
 from theseus_transport.transport import measure_update_alignment
 
-from twins import permuted_twin, random_task_vector, tiny_vit
-
-NOT_TRANSPORTED = ("conv1", "class_embedding", "positional_embedding")
+from test_transport_exactness import twin_setup  # noqa: F401 - the permuted-twin fixture, shared
+from twins import random_task_vector
 
 
 @pytest.fixture(scope="module")
-def twin_transport():
-    torch.manual_seed(0)
-    source = tiny_vit()
-    twin, _ = permuted_twin(source)
-    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
-    calibration = [{"source": images, "target": images} for images in torch.randn(2, 16, 3, 16, 16)]
-    held_out = [{"source": images, "target": images} for images in torch.randn(2, 8, 3, 16, 16)]
+def twin_transport(twin_setup):
+    source, twin, task_vector, calibration, held_out_images, _ = twin_setup
+    held_out = [{"source": images, "target": images} for images in held_out_images.split(4)]
     result = transport(source, twin, task_vector, calibration, map_mode="rank_aware", progress=False)
-    return source, twin, task_vector, result, held_out
+    return source, twin, task_vector, calibration, result, held_out
 
 
 def _measure(source, twin, task_vector, target_vector, result, held_out):
@@ -38,7 +33,7 @@ def _measure(source, twin, task_vector, target_vector, result, held_out):
 
 
 def test_exact_transport_on_a_twin_has_full_fidelity_at_every_point(twin_transport):
-    source, twin, task_vector, result, held_out = twin_transport
+    source, twin, task_vector, _, result, held_out = twin_transport
     fidelity = _measure(source, twin, task_vector, result.task_vector, result, held_out)
     assert set(fidelity) == set(result.plan.maps)
     changed = {space: values for space, values in fidelity.items() if not math.isnan(values["cosine"])}
@@ -49,7 +44,7 @@ def test_exact_transport_on_a_twin_has_full_fidelity_at_every_point(twin_transpo
 
 
 def test_an_unrelated_update_scores_low_and_no_update_scores_zero_norm(twin_transport):
-    source, twin, task_vector, result, held_out = twin_transport
+    source, twin, task_vector, _, result, held_out = twin_transport
     unrelated = random_task_vector(twin, lambda key: key in result.task_vector, seed=7)
     fidelity = _measure(source, twin, task_vector, unrelated, result, held_out)
     cosines = [values["cosine"] for values in fidelity.values() if not math.isnan(values["cosine"])]
@@ -61,8 +56,7 @@ def test_an_unrelated_update_scores_low_and_no_update_scores_zero_norm(twin_tran
 
 
 def test_transport_reports_update_fidelity_even_from_a_one_shot_iterator(twin_transport):
-    source, twin, task_vector, _, held_out = twin_transport
-    calibration = [{"source": images, "target": images} for images in torch.randn(2, 16, 3, 16, 16)]
+    source, twin, task_vector, calibration, _, held_out = twin_transport
     result = transport(source, twin, task_vector, calibration, held_out=iter(held_out), progress=False)
     assert result.report.alignment and set(result.report.update_alignment) == set(result.report.alignment)
     expected = _measure(source, twin, task_vector, result.task_vector, result, held_out)
