@@ -29,10 +29,25 @@ def test_quick_demo_writes_results_table_and_plots(tmp_path):
             assert plot.size[0] > 100
     table = (out / "results.md").read_text()
     assert "Theseus (paper)" in table and "Warm start" in table and "linear CKA" in table
+    assert "the warm start begins from the target + Theseus (rank-aware, + embeddings)" in table
     with pytest.raises(FileExistsError):
         from theseus_transport.zoo.demo import run_demo
 
         run_demo(output_dir=out, quick=True)  # refuses to overwrite earlier results
+
+
+def test_warm_start_uses_the_chosen_transport_variant(tmp_path):
+    from theseus_transport.zoo.demo import DemoSettings, warm_start_callback
+
+    settings = DemoSettings.quick()
+    assert settings.warm_start_variant == "Theseus (rank-aware, + embeddings)"
+    callback = warm_start_callback(tmp_path / "task.safetensors", settings)
+    assert (callback.method, callback.map_mode, callback.center, callback.transport_embeddings) == (
+        "theseus", "rank_aware", False, True)
+    paper = warm_start_callback(tmp_path / "task.safetensors", DemoSettings(tasks=("sizes",), warm_start_variant="Theseus (paper)"))
+    assert (paper.map_mode, paper.transport_embeddings) == ("paper", False)
+    with pytest.raises(ValueError, match="unknown demo variants"):
+        DemoSettings(tasks=("sizes",), warm_start_variant="Theseus (typo)")
 
 
 @pytest.mark.slow

@@ -141,8 +141,8 @@ def test_unknown_task_and_size_keys_are_rejected(tiny_cache):
 
 EXPECTED_VISION = {  # width, layers, tokens (grid^2 + CLS)
     "theseus-tiny-s": (64, 4, 17),
-    "theseus-tiny-w": (96, 4, 26),
-    "theseus-tiny-deep": (96, 6, 26),
+    "theseus-tiny-w": (96, 4, 17),
+    "theseus-tiny-deep": (96, 6, 17),
 }
 
 

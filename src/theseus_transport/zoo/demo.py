@@ -33,6 +33,9 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("Theseus (rank-aware, centered)", dict(method="theseus", map_mode="rank_aware", center=True)),
     # beyond the paper: the patch / positional embedding and class token through the embedding-sum map
     ("Theseus (rank-aware, + embeddings)", dict(method="theseus", map_mode="rank_aware", embeddings=True)),
+    ("Theseus (paper, + embeddings)", dict(method="theseus", map_mode="paper", embeddings=True)),
+    ("Theseus (rank-aware, centered, + embeddings)", dict(method="theseus", map_mode="rank_aware", center=True,
+                                                          embeddings=True)),
     ("Zero-pad", dict(method="zero_pad")),
     ("Random (equal norm)", dict(method="random")),
     ("Random through maps", dict(method="random_maps")),
@@ -41,7 +44,8 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("Decoupled least squares", dict(method="decoupled_ls")),
     ("Decoupled, orthogonalised", dict(method="decoupled_orth")),
 )
-SWEPT_VARIANTS = ("Theseus (rank-aware)", "Theseus (paper)")
+SWEPT_VARIANTS = ("Theseus (rank-aware)", "Theseus (paper)", "Theseus (rank-aware, + embeddings)",
+                  "Theseus (paper, + embeddings)")
 ALPHA_GRID = tuple(round(0.25 * i, 2) for i in range(21))  # 0 .. 5, the range of the authors' sweep
 
 
@@ -62,12 +66,21 @@ class DemoSettings:
     warmup_steps: int = 10
     weight_decay: float = 0.1
     warm_start_batches: int = 20
+    # the transport that initialises the warm start (a label of VARIANTS): the one that carried the most
+    # of the task on the same-grid pair in session 4 (docs/zoo.md)
+    warm_start_variant: str = "Theseus (rank-aware, + embeddings)"
     sweep_alpha: bool = True
     family_steps: int | None = None  # None: the zoo's default recipe
     depth_target: str | None = None  # a deeper target for the depth experiment (paper Sec. 4.4)
     held_out_batches: int = 8  # paired validation batches for the alignment / CKA diagnostics
     seed: int = 0
     variants: tuple[str, ...] = field(default_factory=lambda: tuple(label for label, _ in VARIANTS))
+
+    def __post_init__(self) -> None:
+        known = [label for label, _ in VARIANTS]
+        unknown = [label for label in (*self.variants, self.warm_start_variant) if label not in known]
+        if unknown:
+            raise ValueError(f"unknown demo variants {unknown}; known: {known}")
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -146,7 +159,7 @@ def finetune(
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from ..callbacks import TheseusCallback, ValidateAtStart
+    from ..callbacks import ValidateAtStart
     from ..data import ImageClassificationDataModule
     from ..modules import ImageClassifier
 
@@ -163,7 +176,7 @@ def finetune(
     )
     callbacks: list[Any] = [ValidateAtStart()]
     if warm_start_from is not None:
-        callbacks.insert(0, TheseusCallback(task_vector=str(warm_start_from), source_model=SOURCE_MODEL, held_out_batches=1))
+        callbacks.insert(0, warm_start_callback(warm_start_from, settings))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, val_check_interval=settings.eval_every,
         check_val_every_n_epoch=None, logger=TensorBoardLogger(str(run_dir), name="", version=""),
@@ -175,6 +188,18 @@ def finetune(
         trainer.fit(module, datamodule=datamodule)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     return {"run_dir": str(run_dir), "test_acc": float(test["test/acc"]), "steps": int(trainer.global_step)}
+
+
+def warm_start_callback(task_vector_path: Path, settings: DemoSettings) -> Any:
+    """The callback that initialises a warm start with the transport of `settings.warm_start_variant`."""
+    from ..callbacks import TheseusCallback
+
+    variant = _variant(settings.warm_start_variant)
+    return TheseusCallback(
+        task_vector=str(task_vector_path), source_model=SOURCE_MODEL, method=variant["method"],
+        map_mode=variant.get("map_mode", "rank_aware"), center=variant.get("center", False),
+        transport_embeddings=variant.get("embeddings", False), held_out_batches=1, seed=settings.seed,
+    )
 
 
 # ---- diagnostics and the depth experiment ------------------------------------------------------------
@@ -335,7 +360,8 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
         warm = finetune(TARGET_MODEL, task, settings.warm_start_steps, task_dir / "target_warmstart_theseus", settings,
                         warm_start_from=source_vector_path)
         entry["target_finetuned_test_acc"] = baseline["test_acc"]
-        entry["warm_start"] = _warm_start_summary(baseline, warm, output / "plots" / f"{task}.png", compare_runs, overwrite)
+        entry["warm_start"] = _warm_start_summary(baseline, warm, output / "plots" / f"{task}.png", compare_runs,
+                                                  f"warm start ({settings.warm_start_variant})")
         entry["seconds"] = time.perf_counter() - task_started
         results["tasks"][task] = entry
         log.info("demo: %s done in %.0fs", task, entry["seconds"])
@@ -349,14 +375,15 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
     return results
 
 
-def _warm_start_summary(baseline: dict[str, Any], warm: dict[str, Any], plot: Path, compare_runs: Any, overwrite: bool) -> dict[str, Any]:
+def _warm_start_summary(baseline: dict[str, Any], warm: dict[str, Any], plot: Path, compare_runs: Any,
+                        warm_label: str) -> dict[str, Any]:
     from ..compare import read_scalars, steps_to_target
 
     baseline_curve = read_scalars(baseline["run_dir"])["val/acc"]
     warm_curve = read_scalars(warm["run_dir"])["val/acc"]
     target = baseline_curve[-1][1]  # the accuracy the baseline fine-tune has at its final step
     summary = compare_runs([warm["run_dir"], baseline["run_dir"]], plot, target=target, overwrite=True,
-                           labels=["warm start (Theseus)", "from pretrained target"])
+                           labels=[warm_label, "from pretrained target"])
     return {
         "target_val_acc": target,
         "baseline_steps": baseline["steps"],

@@ -64,9 +64,10 @@ def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> str:
             lines += ["", "Gap recovered with α swept on the validation split (the paper's protocol): "
                       + ", ".join(f"{label} {100 * value:.0f} %" for label, value in swept.items())]
         lines += [""]
+    warm_variant = results["settings"].get("warm_start_variant", "Theseus (rank-aware)")
     lines += ["## Warm start", "",
               "Steps for the target to reach the validation accuracy that fine-tuning from the pretrained target has at its "
-              "final step; same settings and seed.", "",
+              f"final step; same settings and seed; the warm start begins from the target + {warm_variant}, α=1.", "",
               "| task | target val acc | from pretrained: steps run / first reached | from Theseus: steps to target | ratio | val acc at step 0 (pretrained / Theseus) |",
               "|---|---|---|---|---|---|"]
     ratios = []
