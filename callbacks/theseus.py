@@ -59,6 +59,7 @@ class TheseusCallback(Callback):
         alpha: float = 1.0,
         center: bool = False,
         transport_embeddings: bool = False,
+        attention_maps: str = "per_point",
         token_alignment: str | None = None,
         layer_map: str | None = None,
         held_out_batches: int = 0,
@@ -75,6 +76,7 @@ class TheseusCallback(Callback):
         self.alpha = alpha
         self.center = center
         self.transport_embeddings = transport_embeddings
+        self.attention_maps = attention_maps
         self.token_alignment = token_alignment
         self.layer_map = layer_map
         self.held_out_batches = held_out_batches
@@ -192,7 +194,7 @@ class TheseusCallback(Callback):
         result = transport(
             source, target, task_vector, calibration, family=family, method=self.method, map_mode=self.map_mode,
             alpha=self.alpha, center=self.center, transport_embeddings=self.transport_embeddings,
-            token_alignment=self.token_alignment, layer_map=self.layer_map,
+            attention_maps=self.attention_maps, token_alignment=self.token_alignment, layer_map=self.layer_map,
             held_out=self._held_out(trainer) if rank == 0 else None, seed=self.seed, reduce_fn=reduce_fn,
             progress=rank == 0,
         )
@@ -211,6 +213,7 @@ class TheseusCallback(Callback):
             "method": self.method,
             "map_mode": self.map_mode,
             "transport_embeddings": self.transport_embeddings,
+            "attention_maps": self.attention_maps,
             "alpha": self.alpha,
             "calibration_batches_per_rank": len(calibration),
             "world_size": world_size,

@@ -29,7 +29,7 @@ def test_quick_demo_writes_results_table_and_plots(tmp_path):
             assert plot.size[0] > 100
     table = (out / "results.md").read_text()
     assert "Theseus (paper)" in table and "Warm start" in table and "linear CKA" in table
-    assert "the warm start begins from the target + Theseus (rank-aware, + embeddings)" in table
+    assert "the warm start begins from the target + Theseus (rank-aware, + embeddings, head-aware attention)" in table
     with pytest.raises(FileExistsError):
         from theseus_transport.zoo.demo import run_demo
 
@@ -40,12 +40,12 @@ def test_warm_start_uses_the_chosen_transport_variant(tmp_path):
     from theseus_transport.zoo.demo import DemoSettings, warm_start_callback
 
     settings = DemoSettings.quick()
-    assert settings.warm_start_variant == "Theseus (rank-aware, + embeddings)"
+    assert settings.warm_start_variant == "Theseus (rank-aware, + embeddings, head-aware attention)"
     callback = warm_start_callback(tmp_path / "task.safetensors", settings)
-    assert (callback.method, callback.map_mode, callback.center, callback.transport_embeddings) == (
-        "theseus", "rank_aware", False, True)
+    assert (callback.method, callback.map_mode, callback.center, callback.transport_embeddings, callback.attention_maps) == (
+        "theseus", "rank_aware", False, True, "heads")
     paper = warm_start_callback(tmp_path / "task.safetensors", DemoSettings(tasks=("sizes",), warm_start_variant="Theseus (paper)"))
-    assert (paper.map_mode, paper.transport_embeddings) == ("paper", False)
+    assert (paper.map_mode, paper.transport_embeddings, paper.attention_maps) == ("paper", False, "per_point")
     with pytest.raises(ValueError, match="unknown demo variants"):
         DemoSettings(tasks=("sizes",), warm_start_variant="Theseus (typo)")
 

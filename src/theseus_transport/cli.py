@@ -90,6 +90,9 @@ def _transport_parser(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--transport-embeddings", action="store_true",
                         help="also transport the embedding stage (OpenCLIP patch/positional embedding, class token); "
                              "beyond the paper, off by default")
+    method.add_argument("--attention-maps", default="per_point", choices=["per_point", "heads"],
+                        help="heads: q/k and v/context share maps that rotate matched heads onto each other, "
+                             "preserving attention logits (beyond the paper); per_point: a map per capture point")
     method.add_argument("--token-alignment", default=None, choices=["none", "mean", "interpolate", "interpolate2d"])
     method.add_argument("--layer-map", default=None, choices=["interpolate"], help="depth mismatch: paper Sec. 4.4")
     method.add_argument("--memory-budget-mb", type=float, default=None, help="cap on statistics memory per pass")
@@ -124,7 +127,8 @@ def transport_main(options: argparse.Namespace) -> int:
     result = transport(
         source, target, task_vector, calibration, family=options.family, method=options.method,
         map_mode=options.map_mode, alpha=options.alpha, center=options.center,
-        transport_embeddings=options.transport_embeddings, derive_linear_outputs=not options.capture_linear_outputs,
+        transport_embeddings=options.transport_embeddings, attention_maps=options.attention_maps,
+        derive_linear_outputs=not options.capture_linear_outputs,
         token_alignment=options.token_alignment, layer_map=options.layer_map, held_out=held_out,
         seed=options.seed, memory_budget_bytes=budget, progress=not options.no_progress,
     )
@@ -135,7 +139,7 @@ def transport_main(options: argparse.Namespace) -> int:
         "transported_from": {"model": options.source_model, "pretrained": options.source_pretrained,
                              "task_vector": str(options.task_vector), "sha256": info.get("sha256")},
         "method": options.method, "map_mode": options.map_mode, "alpha": options.alpha,
-        "transport_embeddings": options.transport_embeddings,
+        "transport_embeddings": options.transport_embeddings, "attention_maps": options.attention_maps,
         "calibration": {"dataset": options.dataset, "batches": options.calibration_batches,
                         "batch_size": options.calibration_batch_size, "seed": options.calibration_seed},
     }

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..transport.heads import AttentionLayout
 from ..transport.rule import ParamRule
 
 MAP_MODES = ("rank_aware", "paper")
@@ -109,6 +110,13 @@ class FamilyAdapter(ABC):
     @contextlib.contextmanager
     def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:
         """Install hooks that fill a Capture with the wanted spaces on each forward pass."""
+
+    def attention_layouts(self, encoder: nn.Module) -> list[AttentionLayout]:
+        """Return each attention layer's q / k / v / context capture points and heads (attention_maps='heads').
+
+        Default: none, and head-aware maps are refused for the family.
+        """
+        return []
 
     def linear_outputs(self, encoder: nn.Module) -> dict[str, LinearLink]:
         """Return {output point: (input point, weight, bias)} for points that are a linear layer of another point.

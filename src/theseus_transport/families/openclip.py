@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..transport.errors import OfflineError
+from ..transport.heads import AttentionLayout
 from ..transport.rule import ParamRule, Piece
 from .base import Capture, FamilyAdapter, LinearLink, hook_input, hook_output, register_family
 
@@ -204,6 +205,16 @@ class OpenCLIPVisionAdapter(FamilyAdapter):
         if source.conv1.bias is not None:
             rules["conv1.bias"] = ParamRule((Piece("vector", EMBEDDING_SPACE),))
         return rules
+
+    def attention_layouts(self, encoder: nn.Module) -> list[AttentionLayout]:
+        """q, k, v and the context (out_proj's input) of every block, with nn.MultiheadAttention's heads."""
+        layouts = []
+        for index, block in enumerate(encoder.transformer.resblocks):
+            p = f"transformer.resblocks.{index}.attn"
+            attention = block.attn
+            layouts.append(AttentionLayout(f"{p}:q", f"{p}:k", f"{p}:v", f"{p}:ctx", attention.num_heads,
+                                           attention.embed_dim // attention.num_heads))
+        return layouts
 
     def linear_outputs(self, encoder: nn.Module) -> dict[str, LinearLink]:
         """Link q, k, v (ln_1:out), attn out (attn:ctx), c_fc (ln_2:out), c_proj and proj:tokens (ln_post:out) to their inputs."""

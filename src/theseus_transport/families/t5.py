@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..transport.errors import OfflineError
+from ..transport.heads import AttentionLayout
 from ..transport.rule import ParamRule, Piece
 from .base import Capture, FamilyAdapter, LinearLink, hook_input, hook_output, register_family
 
@@ -104,6 +105,15 @@ class T5EncoderAdapter(FamilyAdapter):
                 continue
             rules[key] = ParamRule(skip_reason=NOT_TRANSPORTED.get(key, "no transport rule for this parameter"))
         return rules
+
+    def attention_layouts(self, encoder: nn.Module) -> list[AttentionLayout]:
+        """q, k, v and the context (o's input) of every block's self-attention, with its heads."""
+        layouts = []
+        for p, attention_layer, _, _ in self._modules(encoder):
+            a, attention = f"{p}.layer.0.SelfAttention", attention_layer.SelfAttention
+            layouts.append(AttentionLayout(f"{a}.q:out", f"{a}.k:out", f"{a}.v:out", f"{a}.o:in", attention.n_heads,
+                                           attention.key_value_proj_dim))
+        return layouts
 
     def linear_outputs(self, encoder: nn.Module) -> dict[str, LinearLink]:
         """Link q, k, v and wi / wi_0 / wi_1 outputs to their layer norm's output, o and wo outputs to their inputs."""

@@ -2,6 +2,8 @@
 
 from .alignment import TOKEN_ALIGNMENTS, align_tokens, interpolate_tokens_2d
 from .engine import (
+    ATTENTION_MAPS,
+    DEFAULT_ATTENTION_MAPS,
     DEFAULT_MAP_MODE,
     MAP_MODES,
     TransportReport,
@@ -28,6 +30,7 @@ from .errors import (
     TheseusError,
 )
 from .io import load_task_vector, save_task_vector, tensors_sha256
+from .heads import AttentionLayout, head_block_maps, max_weight_matching
 from .layermap import LayerMap, expand_module, expand_state_dict
 from .similarity import linear_cka, procrustes_readout_accuracy
 from .maps import MapOptions, procrustes

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .alignment import align_tokens
 from .errors import CalibrationError, DepthMismatchError, FamilyMismatchError, ShapeMismatchError, TaskVectorKeyError
 from .layermap import LayerMap, expand_module
+from .heads import AttentionLayout, head_block_maps
 from .maps import MapOptions, float64_svd, numerical_rank, procrustes_from_svd, theseus_map
 from .methods import get_method
 from .plan import KeyReport, TransportPlan
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 MAP_MODES = ("rank_aware", "paper")
 DEFAULT_MAP_MODE = "rank_aware"
+# per_point: q, k, v and the attention context each get their own map (DESIGN item 6);
+# heads: q/k and v/context share head-block maps under a head matching (heads.py)
+ATTENTION_MAPS = ("per_point", "heads")
+DEFAULT_ATTENTION_MAPS = "per_point"
 
 
 def resolve_family(family: Any, source_model: nn.Module, target_model: nn.Module) -> tuple[Any, nn.Module, nn.Module]:
@@ -258,7 +263,7 @@ def linear_derivations(adapter: Any, source: nn.Module, target: nn.Module, space
 def _statistics_groups(
     adapter: Any, source: nn.Module, target: nn.Module, calibration: Iterable[Any], spaces: Sequence[str],
     with_grams: bool, memory_budget_bytes: int | None, svd_copies: int = 0,
-    derivations: Mapping[str, LinearDerivation] | None = None,
+    derivations: Mapping[str, LinearDerivation] | None = None, together: Sequence[Sequence[str]] = (),
 ) -> list[list[str]]:
     # one group (one pass) without a budget; otherwise a probe batch gives each captured point's widths
     # and the points are packed so each group's statistics plus `svd_copies` SVD factors fit the budget.
@@ -284,8 +289,21 @@ def _statistics_groups(
     dependents: dict[str, list[str]] = {space: [] for space in captured}
     for space, derivation in derivations.items():
         dependents[derivation.input_space].append(space)
-    units = {space: size(space) + sum(size(d) for d in dependents[space]) for space in captured}
-    return [sorted(name for space in group for name in [space, *dependents[space]]) for group in plan_groups(units, memory_budget_bytes)]
+    # a unit is a captured point with its derived points; points whose maps are built together (an
+    # attention layer's q, k, v and context with head-aware maps) merge their units into one
+    members: dict[str, list[str]] = {space: [space] for space in captured}
+    owner = {space: space for space in captured}
+    for tied in together:
+        roots = sorted({owner[derivations[space].input_space if space in derivations else space]
+                        for space in tied if space in owner or space in derivations})
+        for root in roots[1:]:
+            for member in members.pop(root):
+                owner[member] = roots[0]
+                members[roots[0]].append(member)
+    units = {name: sum(size(space) + sum(size(d) for d in dependents[space]) for space in group)
+             for name, group in members.items()}
+    return [sorted(name for unit in group for space in members[unit] for name in [space, *dependents[space]])
+            for group in plan_groups(units, memory_budget_bytes)]
 
 
 def _collect_group(
@@ -553,6 +571,45 @@ def _variant_rules(adapter: Any, source: nn.Module, target: nn.Module, map_mode:
     return rules
 
 
+def paired_attention_layouts(adapter: Any, source: nn.Module, target: nn.Module) -> list[tuple[AttentionLayout, AttentionLayout]]:
+    """Pair the source's and target's attention layers for head-aware maps; refuse what they cannot map."""
+    source_layouts = {layout.query_space: layout for layout in adapter.attention_layouts(source)}
+    target_layouts = adapter.attention_layouts(target)
+    if not source_layouts or not target_layouts:
+        raise ValueError(f"the {adapter.name!r} family describes no attention heads; use attention maps 'per_point'")
+    pairs = []
+    for target_layout in target_layouts:
+        source_layout = source_layouts.get(target_layout.query_space)
+        if source_layout is None:
+            raise ValueError(f"attention layer {target_layout.query_space!r} of the target has no source counterpart")
+        if source_layout.head_dim != target_layout.head_dim:
+            raise ShapeMismatchError(
+                f"head-aware attention maps need equal head widths; at {target_layout.query_space!r} the source's heads "
+                f"are {source_layout.head_dim} wide and the target's {target_layout.head_dim}: use attention maps 'per_point'"
+            )
+        pairs.append((source_layout, target_layout))
+    return pairs
+
+
+def _head_aware_maps(
+    layers: Sequence[tuple[AttentionLayout, AttentionLayout]], statistics: StatisticsSet, available: set[str],
+    options: MapOptions,
+) -> tuple[dict[str, torch.Tensor], dict[str, list[list[int]]]]:
+    """The head-block maps of every attention layer whose four points are in `available` (one group)."""
+    maps: dict[str, torch.Tensor] = {}
+    matchings: dict[str, list[list[int]]] = {}
+    for source_layout, target_layout in layers:
+        if not set(target_layout.spaces) <= available:
+            continue
+        query, key, value, context = (statistics[space].cross_covariance(options.center) for space in target_layout.spaces)
+        query_key, value_context, matching = head_block_maps(query, key, value, context, target_layout.head_dim,
+                                                             options.rank_aware, options.rank_rtol)
+        for space, value_map in zip(target_layout.spaces, (query_key, query_key, value_context, value_context)):
+            maps[space] = value_map.cpu()
+        matchings[target_layout.query_space] = [list(pair) for pair in matching]
+    return maps, matchings
+
+
 def build_plans(
     source_base: nn.Module,
     target_base: nn.Module,
@@ -570,11 +627,12 @@ def build_plans(
     batch_products: str = "float64",
     derive_linear_outputs: bool = True,
 ) -> tuple[list[TransportPlan], dict[str, Any]]:
-    """Compute plans for several (method, map_mode, center, embeddings) variants from ONE pass of calibration data.
+    """Compute plans for several (method, map_mode, center, embeddings, attention) variants from ONE pass of calibration data.
 
-    Each variant is a mapping with optional keys 'method', 'map_mode', 'center' and 'embeddings'
-    (also transport the embedding stage: see `transport`); the statistics of the union of their
-    capture points are collected once and every variant's maps derive from them.
+    Each variant is a mapping with optional keys 'method', 'map_mode', 'center', 'embeddings'
+    (also transport the embedding stage: see `transport`) and 'attention' ('per_point' or 'heads':
+    see `transport`); the statistics of the union of their capture points are collected once and
+    every variant's maps derive from them.
     With `memory_budget_bytes`, the points are split into groups whose statistics and SVD factors
     fit the budget; each group gets its own pass, its maps are built right after it, and its
     statistics are dropped before the next pass (the finished maps are kept: they are the plans).
@@ -583,10 +641,15 @@ def build_plans(
     `linear_derivations`); False captures every point, as before.
     """
     variants = [dict(method=v.get("method", "theseus"), map_mode=v.get("map_mode", DEFAULT_MAP_MODE), center=bool(v.get("center", False)),
-                     embeddings=bool(v.get("embeddings", False))) for v in variants]
+                     embeddings=bool(v.get("embeddings", False)), attention=v.get("attention", DEFAULT_ATTENTION_MAPS))
+                for v in variants]
     for variant in variants:
         if variant["map_mode"] not in MAP_MODES:
             raise ValueError(f"unknown map mode {variant['map_mode']!r}; choose one of {MAP_MODES}")
+        if variant["attention"] not in ATTENTION_MAPS:
+            raise ValueError(f"unknown attention maps {variant['attention']!r}; choose one of {ATTENTION_MAPS}")
+        if variant["attention"] == "heads" and get_method(variant["method"]).build_map is not theseus_map:
+            raise ValueError(f"attention maps 'heads' are Procrustes maps: method {variant['method']!r} cannot use them")
         get_method(variant["method"])
     started = time.perf_counter()
     adapter, source, target = resolve_family(family, source_base, target_base)
@@ -613,10 +676,12 @@ def build_plans(
     # variants; baselines need comparable transient workspace (pinv, svdvals), so count at least one
     svd_copies = max(1, len({v["center"] for v in variants if get_method(v["method"]).build_map is theseus_map}))
     derivations = linear_derivations(adapter, source, target, spaces) if derive_linear_outputs else {}
+    attention_layers = paired_attention_layouts(adapter, source, target) if any(v["attention"] == "heads" for v in variants) else []
     groups = _statistics_groups(adapter, source, target, calibration, sorted(spaces), with_grams, memory_budget_bytes, svd_copies,
-                                derivations)
+                                derivations, together=[layer[1].spaces for layer in attention_layers])
     maps_by_variant: list[dict[str, torch.Tensor]] = [{} for _ in variants]
     ranks_by_variant: list[dict[str, dict[str, int]]] = [{} for _ in variants]
+    matchings_by_variant: list[dict[str, list[list[int]]]] = [{} for _ in variants]
     tokens: dict[str, int] = {}
     statistics_s = time.perf_counter() - started
     maps_s = 0.0
@@ -636,6 +701,12 @@ def build_plans(
                                                  variant["method"], options, progress=progress, svd_cache=svd_cache)
             variant_maps.update(group_maps)
             variant_ranks.update(group_ranks)
+        for variant, options, needed, variant_maps, matchings in zip(
+                variants, options_by_variant, needed_by_variant, maps_by_variant, matchings_by_variant):
+            if variant["attention"] == "heads":
+                head_maps, head_matchings = _head_aware_maps(attention_layers, statistics, set(group) & needed, options)
+                variant_maps.update(head_maps)
+                matchings.update(head_matchings)
         tokens.update({space: stats.count for space, stats in statistics.items()})
         del statistics, svd_cache
         statistics_s += maps_started - pass_started
@@ -643,7 +714,8 @@ def build_plans(
     source_shapes = {k: tuple(v.shape) for k, v in source.state_dict().items() if v.is_floating_point()}
     target_shapes = {k: tuple(v.shape) for k, v in target.state_dict().items() if v.is_floating_point()}
     plans, ranks = [], {}
-    for variant, needed, variant_maps, variant_ranks in zip(variants, needed_by_variant, maps_by_variant, ranks_by_variant):
+    for variant, needed, variant_maps, variant_ranks, matchings in zip(
+            variants, needed_by_variant, maps_by_variant, ranks_by_variant, matchings_by_variant):
         # sorted by point, whatever the groups were (a budget packs derived points with their inputs)
         variant_maps = {space: variant_maps[space] for space in sorted(variant_maps)}
         ranks.update({space: variant_ranks[space] for space in sorted(variant_ranks)})
@@ -656,6 +728,9 @@ def build_plans(
             target_shapes=target_shapes,
             metadata={
                 "map_mode": variant["map_mode"], "center": variant["center"], "embeddings": variant["embeddings"],
+                "attention": variant["attention"],
+                # per attention layer (its query point): the (source head, target head) pairs of the maps
+                **({"head_matching": {space: matchings[space] for space in sorted(matchings)}} if matchings else {}),
                 "token_alignment": token_alignment,
                 "rank_rtol": rank_rtol, "ridge": ridge, "seed": seed, "batch_products": batch_products,
                 "derived_points": sorted(derivations.keys() & needed),
@@ -682,6 +757,7 @@ def build_plan(
     map_mode: str = DEFAULT_MAP_MODE,
     center: bool = False,
     embeddings: bool = False,
+    attention: str = DEFAULT_ATTENTION_MAPS,
     **options: Any,
 ) -> tuple[TransportPlan, dict[str, Any]]:
     """Compute the maps of one method between two base models; return the plan and context.
@@ -690,7 +766,8 @@ def build_plan(
     memory_budget_bytes, reduce_fn, progress, batch_products, derive_linear_outputs).
     """
     plans, context = build_plans(
-        source_base, target_base, calibration, [dict(method=method, map_mode=map_mode, center=center, embeddings=embeddings)],
+        source_base, target_base, calibration, [dict(method=method, map_mode=map_mode, center=center, embeddings=embeddings,
+                                                          attention=attention)],
         family=family, **options
     )
     return plans[0], context
@@ -709,6 +786,7 @@ def transport(
     alpha: float = 1.0,
     center: bool = False,
     transport_embeddings: bool = False,
+    attention_maps: str = DEFAULT_ATTENTION_MAPS,
     token_alignment: str | None = None,
     layer_map: LayerMap | str | None = None,
     held_out: Iterable[Any] | None = None,
@@ -729,13 +807,16 @@ def transport(
     task vector is already scaled by `alpha` and keyed like the target encoder's state dict.
     `transport_embeddings=True` also carries the embedding stage (OpenCLIP: patch embedding, class
     token, positional embedding) through a map of the embedding sum: beyond the paper, off by default.
+    `attention_maps='heads'` gives q and k one shared map, and v and the attention context another,
+    each a rotation per matched (source head, target head) pair, so every matched head's attention
+    logits are preserved (heads.py); beyond the paper ('per_point', the default, is DESIGN item 6).
     `derive_linear_outputs=False` captures every point instead of deriving linear outputs (see `build_plans`).
     """
     if (task_vector is None) == (source_finetuned is None):
         raise ValueError("pass exactly one of task_vector and source_finetuned")
     plan, context = build_plan(
         source_base, target_base, calibration, family=family, method=method, map_mode=map_mode, center=center,
-        embeddings=transport_embeddings, token_alignment=token_alignment, layer_map=layer_map, rank_rtol=rank_rtol, ridge=ridge, seed=seed,
+        embeddings=transport_embeddings, attention=attention_maps, token_alignment=token_alignment, layer_map=layer_map, rank_rtol=rank_rtol, ridge=ridge, seed=seed,
         memory_budget_bytes=memory_budget_bytes, reduce_fn=reduce_fn, progress=progress, batch_products=batch_products,
         derive_linear_outputs=derive_linear_outputs,
     )

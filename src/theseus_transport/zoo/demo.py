@@ -36,6 +36,10 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("Theseus (paper, + embeddings)", dict(method="theseus", map_mode="paper", embeddings=True)),
     ("Theseus (rank-aware, centered, + embeddings)", dict(method="theseus", map_mode="rank_aware", center=True,
                                                           embeddings=True)),
+    # beyond the paper: q/k and v/context share head-block maps (attention_maps="heads")
+    ("Theseus (rank-aware, head-aware attention)", dict(method="theseus", map_mode="rank_aware", attention="heads")),
+    ("Theseus (rank-aware, + embeddings, head-aware attention)", dict(method="theseus", map_mode="rank_aware",
+                                                                      embeddings=True, attention="heads")),
     ("Zero-pad", dict(method="zero_pad")),
     ("Random (equal norm)", dict(method="random")),
     ("Random through maps", dict(method="random_maps")),
@@ -45,7 +49,7 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("Decoupled, orthogonalised", dict(method="decoupled_orth")),
 )
 SWEPT_VARIANTS = ("Theseus (rank-aware)", "Theseus (paper)", "Theseus (rank-aware, + embeddings)",
-                  "Theseus (paper, + embeddings)")
+                  "Theseus (paper, + embeddings)", "Theseus (rank-aware, + embeddings, head-aware attention)")
 ALPHA_GRID = tuple(round(0.25 * i, 2) for i in range(21))  # 0 .. 5, the range of the authors' sweep
 
 
@@ -67,8 +71,8 @@ class DemoSettings:
     weight_decay: float = 0.1
     warm_start_batches: int = 20
     # the transport that initialises the warm start (a label of VARIANTS): the one that carried the most
-    # of the task on the same-grid pair in session 4 (docs/zoo.md)
-    warm_start_variant: str = "Theseus (rank-aware, + embeddings)"
+    # of the tasks at alpha = 1 in a probe on the saved task vectors of a full demo (docs/zoo.md, session 5)
+    warm_start_variant: str = "Theseus (rank-aware, + embeddings, head-aware attention)"
     sweep_alpha: bool = True
     family_steps: int | None = None  # None: the zoo's default recipe
     depth_target: str | None = None  # a deeper target for the depth experiment (paper Sec. 4.4)
@@ -198,7 +202,8 @@ def warm_start_callback(task_vector_path: Path, settings: DemoSettings) -> Any:
     return TheseusCallback(
         task_vector=str(task_vector_path), source_model=SOURCE_MODEL, method=variant["method"],
         map_mode=variant.get("map_mode", "rank_aware"), center=variant.get("center", False),
-        transport_embeddings=variant.get("embeddings", False), held_out_batches=1, seed=settings.seed,
+        transport_embeddings=variant.get("embeddings", False), attention_maps=variant.get("attention", "per_point"),
+        held_out_batches=1, seed=settings.seed,
     )
 
 
