@@ -107,12 +107,13 @@ def _moved(after: dict, before: dict) -> float:
 # ----- 1. exact warm start -----------------------------------------------------------------------------------------
 
 
-def test_fit_adds_alpha_times_the_engine_transport_before_the_first_step(tmp_path):
+@pytest.mark.parametrize("attention_maps", ["per_point", "heads"])
+def test_fit_adds_alpha_times_the_engine_transport_before_the_first_step(tmp_path, attention_maps):
     vector_path = t5_task_vector(tmp_path)
     file_bytes = open(vector_path, "rb").read()
     module = _text_module()
     base = snapshot_state(module.encoder)
-    theseus = TheseusCallback(vector_path, source_model=T5_SOURCE, alpha=0.7, held_out_batches=1)
+    theseus = TheseusCallback(vector_path, source_model=T5_SOURCE, alpha=0.7, held_out_batches=1, attention_maps=attention_maps)
     probe = FirstStepProbe()
     trainer = _trainer(tmp_path, callbacks=[theseus, probe], max_steps=2)
     trainer.fit(module, datamodule=text_data(calibration_batches=2))
@@ -124,14 +125,15 @@ def test_fit_adds_alpha_times_the_engine_transport_before_the_first_step(tmp_pat
     assert len(calibration) == 2
     vector, sidecar = load_task_vector(vector_path)
     direct = transport(
-        load_base_encoder("t5", T5_SOURCE), load_t5_encoder(T5_TARGET), vector, calibration, family="t5", progress=False
+        load_base_encoder("t5", T5_SOURCE), load_t5_encoder(T5_TARGET), vector, calibration, family="t5", progress=False,
+        attention_maps=attention_maps,
     )
     expected = {key: base[key] + 0.7 * direct.task_vector.get(key, torch.zeros_like(base[key])) for key in base}
     _assert_close_states(probe.before_first_step, expected)
     assert _moved(probe.before_first_step, base) > 1e-3  # the update is far above the tolerance
     assert _moved(snapshot_state(module.encoder), probe.before_first_step) > 0  # and training went on from there
 
-    assert theseus.state["applied"] and theseus.state["alpha"] == 0.7
+    assert theseus.state["applied"] and theseus.state["alpha"] == 0.7 and theseus.state["attention_maps"] == attention_maps
     assert theseus.state["task_vector_sha256"] == sidecar["sha256"]
     assert theseus.state["calibration_batches_per_rank"] == 2 and theseus.state["world_size"] == 1
     assert theseus.report.alignment  # the held-out batch fed the activation-cosine report

@@ -44,6 +44,11 @@ def test_transport_cli_writes_vector_sidecar_report_and_refuses_overwrite(tmp_pa
     assert not captured_report["settings"]["derived_points"]
     captured_tensors, _ = load_task_vector(captured)
     assert all(torch.allclose(captured_tensors[k], tensors[k], atol=1e-6) for k in tensors)
+    heads = tmp_path / "out" / "tv_wide_heads.safetensors"
+    assert main([*args[:-3], "--output", str(heads), "--no-progress", "--attention-maps", "heads"]) == 0
+    heads_report = json.loads(heads.with_suffix(".report.json").read_text())
+    assert heads_report["settings"]["attention"] == "heads" and heads_report["settings"]["head_matching"]
+    assert load_task_vector(heads)[1]["attention_maps"] == "heads" and sidecar["attention_maps"] == "per_point"
     before = output.read_bytes()
     assert main(args) == 1  # exists: refused, untouched
     assert "OutputExistsError" in capsys.readouterr().err
