@@ -598,7 +598,7 @@ def _head_aware_maps(
     """The head-block maps of every attention layer whose four points are in `available` (one group)."""
     maps: dict[str, torch.Tensor] = {}
     matchings: dict[str, list[list[int]]] = {}
-    for source_layout, target_layout in layers:
+    for _, target_layout in layers:  # paired and checked: the two models' head widths are equal
         if not set(target_layout.spaces) <= available:
             continue
         query, key, value, context = (statistics[space].cross_covariance(options.center) for space in target_layout.spaces)
@@ -701,6 +701,7 @@ def build_plans(
                                                  variant["method"], options, progress=progress, svd_cache=svd_cache)
             variant_maps.update(group_maps)
             variant_ranks.update(group_ranks)
+        # head-aware variants replace their attention points' per-point maps (whose SVDs still give the ranks)
         for variant, options, needed, variant_maps, matchings in zip(
                 variants, options_by_variant, needed_by_variant, maps_by_variant, matchings_by_variant):
             if variant["attention"] == "heads":
