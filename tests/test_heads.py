@@ -144,3 +144,17 @@ def test_head_aware_maps_refuse_what_they_cannot_map(twin_pair):
     with pytest.raises(ValueError, match="describes no attention heads"):
         build_plan(residual, copy.deepcopy(residual), [{"source": torch.randn(3, 4), "target": torch.randn(3, 4)}],
                    family=GenericLinearAdapter(), attention="heads", progress=False)
+
+
+def test_head_aware_maps_on_a_deeper_wider_target_with_the_embedding_stage():
+    source = tiny_vit(width=32, layers=2)
+    target = tiny_vit(width=48, heads=6, layers=3, image_size=20, seed=1)
+    task_vector = random_task_vector(source, lambda key: True)
+    result = transport(source, target, task_vector, pairs(2, 16, 20), attention_maps="heads", transport_embeddings=True,
+                       layer_map="interpolate", progress=False)
+    target_state = target.state_dict()
+    assert all(value.shape == target_state[key].shape for key, value in result.task_vector.items())
+    # every target block (one of them interpolated from the source's two) gets its own matching of 4 heads into 6
+    matchings = result.report.settings["head_matching"]
+    assert len(matchings) == 3 and all(len(matching) == 4 for matching in matchings.values())
+    assert "positional_embedding" in result.task_vector and not result.report.skipped.get("transformer.resblocks.2.attn.in_proj_weight")

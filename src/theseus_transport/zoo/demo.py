@@ -244,7 +244,8 @@ def diagnose_task(bench: TaskBench, source: torch.nn.Module, task_vector: dict[s
     }
 
 
-DEPTH_VARIANTS = ("Theseus (rank-aware)", "Theseus (paper)", "Zero-pad")
+DEPTH_VARIANTS = ("Theseus (rank-aware)", "Theseus (paper)", "Theseus (rank-aware, + embeddings, head-aware attention)",
+                  "Zero-pad")
 
 
 def depth_experiment(task: str, source: torch.nn.Module, task_vector: dict[str, torch.Tensor],
