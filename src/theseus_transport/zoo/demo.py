@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from ..transport import apply_task_vector, build_plans, load_task_vector, measure_alignment, measure_update_alignment
+from ..transport import (
+    DEFAULT_ATTENTION_MAPS,
+    DEFAULT_MAP_MODE,
+    apply_task_vector,
+    build_plans,
+    load_task_vector,
+    measure_alignment,
+    measure_update_alignment,
+)
 from ..transport.io import check_writable
 
 log = logging.getLogger(__name__)
@@ -201,8 +209,8 @@ def warm_start_callback(task_vector_path: Path, settings: DemoSettings) -> Any:
     variant = _variant(settings.warm_start_variant)
     return TheseusCallback(
         task_vector=str(task_vector_path), source_model=SOURCE_MODEL, method=variant["method"],
-        map_mode=variant.get("map_mode", "rank_aware"), center=variant.get("center", False),
-        transport_embeddings=variant.get("embeddings", False), attention_maps=variant.get("attention", "per_point"),
+        map_mode=variant.get("map_mode", DEFAULT_MAP_MODE), center=variant.get("center", False),
+        transport_embeddings=variant.get("embeddings", False), attention_maps=variant.get("attention", DEFAULT_ATTENTION_MAPS),
         held_out_batches=1, seed=settings.seed,
     )
 
