@@ -14,11 +14,9 @@ from theseus_transport.transport.heads import head_scores
 
 from theseus_transport.families import GenericLinearAdapter
 
-from test_transport_exactness import EmbeddedResidualNet
+from test_transport_exactness import EmbeddedResidualNet, twin_setup  # noqa: F401 - the permuted-twin fixture, shared
 from test_transport_units import pairs, t5_calibration, tiny_t5
-from twins import permuted_twin, random_task_vector, tiny_vit
-
-NOT_TRANSPORTED = ("conv1", "class_embedding", "positional_embedding")
+from twins import random_task_vector, tiny_vit
 
 
 def brute_force_best(score: torch.Tensor) -> float:
@@ -74,21 +72,8 @@ def test_wider_target_gets_orthonormal_rows_and_untouched_extra_heads():
     assert head_scores(cross, 4).shape == (2, 3)
 
 
-@pytest.fixture(scope="module")
-def twin_pair():
-    torch.manual_seed(0)
-    source = tiny_vit()
-    twin, info = permuted_twin(source)
-    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
-    calibration = [{"source": images, "target": images} for images in torch.randn(2, 16, 3, 16, 16)]
-    return source, twin, info, task_vector, calibration
-
-
-def test_head_aware_maps_recover_the_permuted_twin_exactly(twin_pair):
-    source, twin, info, task_vector, calibration = twin_pair
-    images = torch.randn(8, 3, 16, 16)
-    with torch.no_grad():
-        reference = apply_task_vector(copy.deepcopy(source), task_vector)(images)[:, info["embedding"]]
+def test_head_aware_maps_recover_the_permuted_twin_exactly(twin_setup):
+    source, twin, task_vector, calibration, images, reference = twin_setup
     result = transport(source, twin, task_vector, calibration, attention_maps="heads", progress=False)
     with torch.no_grad():
         output = apply_task_vector(copy.deepcopy(twin), result.task_vector)(images)
@@ -130,8 +115,8 @@ def test_t5_head_aware_transport_preserves_norms():
         assert key.norm_ratio == pytest.approx(1.0, abs=1e-6), key.key
 
 
-def test_head_aware_maps_refuse_what_they_cannot_map(twin_pair):
-    source, twin, _, task_vector, calibration = twin_pair
+def test_head_aware_maps_refuse_what_they_cannot_map(twin_setup):
+    source, twin, _, calibration, _, _ = twin_setup
     with pytest.raises(ValueError, match="unknown attention maps"):
         build_plan(source, twin, calibration, attention="per_head", progress=False)
     with pytest.raises(ValueError, match="cannot use them"):
