@@ -22,9 +22,9 @@ from PIL import Image
 
 from theseus_transport.callbacks import StepsToTarget, TheseusCallback
 from theseus_transport.cli import main
-from theseus_transport.compare import compare_runs, read_scalars, steps_to_target
+from theseus_transport.compare import compare_groups, compare_runs, mean_series, read_scalars, steps_to_target
 from theseus_transport.modules import TextClassifier
-from theseus_transport.transport.errors import OutputExistsError
+from theseus_transport.transport.errors import OutputExistsError, RunLogError
 from tiny_tasks import T5_SOURCE, T5_TARGET, t5_task_vector, text_data
 
 TARGET = 0.75
@@ -117,3 +117,48 @@ def test_steps_to_target_helper_and_missing_runs(tmp_path):
     assert steps_to_target(points, 0.75) == 8 and steps_to_target(points, 0.95) is None
     assert steps_to_target([(4, 1.2), (8, 0.4)], 0.5, mode="min") == 8
     assert main(["compare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")]) == 1
+
+
+def test_compare_groups_averages_runs_step_by_step(runs, tmp_path, monkeypatch):
+    folders, _ = runs
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    # one group holds both runs, the other only the baseline: its curve must be the baseline's own
+    summary = compare_groups({"both": folders, "baseline": folders[1:]}, tmp_path / "groups.png", target=TARGET)
+    series = [read_scalars(folder)[MONITOR] for folder in folders]
+    expected = [(step, (a + b) / 2) for (step, a), (_, b) in zip(*series)]
+    assert summary["runs"]["both"]["members"] == folders
+    assert summary["runs"]["both"]["final"] == pytest.approx(expected[-1][1])
+    assert summary["runs"]["both"]["steps_to_target"] == _first_reaching(expected)
+    assert summary["runs"]["baseline"]["final"] == pytest.approx(series[1][-1][1])
+    (figure,) = figures
+    both = figure.axes[1].get_lines()[0]
+    assert np.allclose(both.get_ydata(), [value for _, value in expected])
+    close(figure)
+
+
+def test_mean_series_refuses_runs_logged_at_different_steps():
+    averaged = mean_series([[(0, 0.2), (10, 0.4)], [(0, 0.4), (10, 0.8)]])
+    assert [step for step, _ in averaged] == [0, 10]
+    assert [value for _, value in averaged] == pytest.approx([0.3, 0.6])
+    with pytest.raises(RunLogError, match="different steps"):
+        mean_series([[(0, 0.2), (10, 0.4)], [(0, 0.4), (20, 0.8)]])
+    with pytest.raises(RunLogError, match="no series"):
+        mean_series([])
+
+
+def test_compare_cli_groups(runs, tmp_path, capsys):
+    folders, _ = runs
+    out = tmp_path / "groups.png"
+    assert main(["compare", "--group", "warm", folders[0], "--group", "base", folders[1], "--out", str(out),
+                 "--target", str(TARGET)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["runs"]) == {"warm", "base"} and out.stat().st_size > 0
+    # a run list and groups together, a group without runs, and a repeated label are refused
+    assert main(["compare", folders[0], "--group", "warm", folders[0], "--out", str(tmp_path / "a.png")]) == 2
+    assert main(["compare", "--group", "warm", "--out", str(tmp_path / "b.png")]) == 2
+    assert main(["compare", "--group", "w", folders[0], "--group", "w", folders[1], "--out", str(tmp_path / "c.png")]) == 2
+    assert main(["compare", "--group", "warm", folders[0], "--out", str(tmp_path / "d.png"), "--monitor", "val/nothing"]) == 1
+    assert "RunLogError" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("a.png", "b.png", "c.png", "d.png"))

@@ -27,7 +27,20 @@ def test_quick_demo_writes_results_table_and_plots(tmp_path):
                 assert 0.0 <= variant["test_acc"] <= 1.0
         with Image.open(entry["warm_start"]["plot"]) as plot:
             assert plot.size[0] > 100
+    # the task-averaged warm start (paper Fig. 3) is the step-by-step mean of the per-task curves
+    from theseus_transport.compare import read_scalars, steps_to_target
+
+    average = results["warm_start_average"]
+    entries = list(results["tasks"].values())
+    assert average["target_val_acc"] == pytest.approx(sum(e["warm_start"]["target_val_acc"] for e in entries) / 2)
+    curves = [read_scalars(e["warm_start"]["warm_run"])["val/acc"] for e in entries]
+    mean_curve = [(step, (a + b) / 2) for (step, a), (_, b) in zip(*curves)]
+    assert average["warm_steps_to_target"] == steps_to_target(mean_curve, average["target_val_acc"])
+    assert average["warm_final_val_acc"] == pytest.approx(mean_curve[-1][1])
+    with Image.open(average["plot"]) as plot:
+        assert plot.size[0] > 100
     table = (out / "results.md").read_text()
+    assert "Averaged over tasks (the paper's Fig. 3 protocol)" in table
     assert "Theseus (paper)" in table and "Warm start" in table and "linear CKA" in table
     assert "the warm start begins from the target + Theseus (rank-aware, + embeddings, head-aware attention)" in table
     with pytest.raises(FileExistsError):

@@ -178,10 +178,25 @@ def _calibration_datamodule(options: argparse.Namespace):
 
 def compare_main(options: argparse.Namespace) -> int:
     """Draw loss and accuracy curves of several runs in one PNG with steps-to-target in the legend."""
-    from .compare import compare_runs
+    from .compare import compare_groups, compare_runs
 
-    summary = compare_runs(options.runs, options.out, monitor=options.monitor, target=options.target,
-                           loss_tag=options.loss_tag, overwrite=options.overwrite)
+    common = {"monitor": options.monitor, "target": options.target, "loss_tag": options.loss_tag,
+              "overwrite": options.overwrite}
+    if bool(options.runs) == bool(options.group):
+        print("theseus compare: give either run directories or --group LABEL RUN [RUN ...], not both or neither",
+              file=sys.stderr)
+        return 2
+    if options.group:
+        groups: dict[str, list[str]] = {}
+        for label, *runs in options.group:
+            if not runs or label in groups:
+                print(f"theseus compare: --group {label!r} needs a label not used before and at least one run",
+                      file=sys.stderr)
+                return 2
+            groups[label] = runs
+        summary = compare_groups(groups, options.out, **common)
+    else:
+        summary = compare_runs(options.runs, options.out, **common)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -215,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=f"LightningCLI {name} (see `theseus {name} --help`)", add_help=False)
     _transport_parser(sub.add_parser("transport", help="transport a task vector to another model"))
     compare = sub.add_parser("compare", help="plot several runs' curves from their TensorBoard logs")
-    compare.add_argument("runs", nargs="+", help="run directories (searched for TensorBoard event files)")
+    compare.add_argument("runs", nargs="*", help="run directories (searched for TensorBoard event files)")
+    compare.add_argument("--group", nargs="+", action="append", metavar="LABEL RUN",
+                         help="one curve averaged over these runs, e.g. the same recipe over several tasks (repeatable)")
     compare.add_argument("--out", required=True, help="PNG to write")
     compare.add_argument("--monitor", default="val/acc")
     compare.add_argument("--target", type=float, default=None, help="steps-to-target threshold (default: 0.9 * best final)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .transport.errors import RunLogError
 from .transport.io import check_writable
 
 
@@ -43,6 +44,19 @@ def steps_to_target(points: Sequence[tuple[int, float]], target: float, mode: st
     return None
 
 
+def mean_series(runs: Sequence[Sequence[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Return the step-by-step mean of several runs' series of one tag; they must share their steps."""
+    if not runs:
+        raise RunLogError("no series to average")
+    steps = [step for step, _ in runs[0]]
+    for points in runs[1:]:
+        if [step for step, _ in points] != steps:
+            # averaging curves logged at different steps would mix points that mean different things
+            raise RunLogError(f"runs logged at different steps ({steps[:5]}... vs {[s for s, _ in points][:5]}...); "
+                             "cannot average them step by step")
+    return [(step, sum(points[index][1] for points in runs) / len(runs)) for index, step in enumerate(steps)]
+
+
 def compare_runs(
     runs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -53,24 +67,58 @@ def compare_runs(
     labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Plot loss and `monitor` against steps for each run; return steps-to-target per run."""
+    check_writable(out, overwrite=overwrite)
+    scalars = {str(run): read_scalars(run) for run in runs}
+    for run, series in scalars.items():
+        if monitor not in series:
+            raise RunLogError(f"run {run} logged no {monitor!r}; it has {sorted(series)}")
+    labels = list(labels) if labels is not None else [Path(run).name for run in scalars]
+    curves = {run: (label, series) for label, (run, series) in zip(labels, scalars.items())}
+    return _plot(curves, out, monitor, target, loss_tag)
+
+
+def compare_groups(
+    groups: Mapping[str, Sequence[str | os.PathLike]],
+    out: str | os.PathLike,
+    monitor: str = "val/acc",
+    target: float | None = None,
+    loss_tag: str = "train/loss",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Plot each group's curves averaged over its runs (e.g. over tasks); return steps-to-target per group."""
+    check_writable(out, overwrite=overwrite)
+    curves = {}
+    for label, runs in groups.items():
+        if not runs:
+            raise RunLogError(f"group {label!r} has no runs")
+        scalars = [read_scalars(run) for run in runs]
+        for run, series in zip(runs, scalars):
+            if monitor not in series:
+                raise RunLogError(f"run {run} of group {label!r} logged no {monitor!r}; it has {sorted(series)}")
+        # a tag is averaged only where every run of the group logged it
+        shared = set.intersection(*(set(series) for series in scalars))
+        curves[label] = (label, {tag: mean_series([series[tag] for series in scalars]) for tag in sorted(shared)})
+    summary = _plot(curves, out, monitor, target, loss_tag)
+    for label, runs in groups.items():
+        summary["runs"][label]["members"] = [str(run) for run in runs]
+    return summary
+
+
+def _plot(curves: Mapping[str, tuple[str, dict[str, list[tuple[int, float]]]]], out: str | os.PathLike,
+          monitor: str, target: float | None, loss_tag: str) -> dict[str, Any]:
+    """Draw loss and `monitor` for each (label, series) and return the steps-to-target summary."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    check_writable(out, overwrite=overwrite)
-    scalars = {str(run): read_scalars(run) for run in runs}
-    for run, series in scalars.items():
-        if monitor not in series:
-            raise KeyError(f"run {run} logged no {monitor!r}; it has {sorted(series)}")
     if target is None:
-        target = 0.9 * max(series[monitor][-1][1] for series in scalars.values())
-    labels = list(labels) if labels is not None else [Path(run).name for run in scalars]
+        target = 0.9 * max(series[monitor][-1][1] for _, series in curves.values())
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
     summary: dict[str, Any] = {"monitor": monitor, "target": target, "runs": {}}
-    for label, (run, series) in zip(labels, scalars.items()):
+    for key, (label, series) in curves.items():
         reached = steps_to_target(series[monitor], target)
-        summary["runs"][run] = {"label": label, "steps_to_target": reached, "final": series[monitor][-1][1]}
+        summary["runs"][key] = {"label": label, "steps_to_target": reached, "final": series[monitor][-1][1]}
         if loss_tag in series:
             steps, values = zip(*series[loss_tag])
             loss_axis.plot(steps, values, label=label, linewidth=1)

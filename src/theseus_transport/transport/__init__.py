@@ -25,6 +25,7 @@ from .errors import (
     HashMismatchError,
     OfflineError,
     OutputExistsError,
+    RunLogError,
     ShapeMismatchError,
     TaskVectorKeyError,
     TheseusError,

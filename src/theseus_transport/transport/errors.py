@@ -41,3 +41,7 @@ class OutputExistsError(TheseusError, FileExistsError):
 
 class OfflineError(TheseusError):
     """A model or dataset needs a download that cannot happen (offline or unreachable)."""
+
+
+class RunLogError(TheseusError, ValueError):
+    """Training runs' logs lack a metric or cannot be compared as asked."""

@@ -379,6 +379,8 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
         entry["seconds"] = time.perf_counter() - task_started
         results["tasks"][task] = entry
         log.info("demo: %s done in %.0fs", task, entry["seconds"])
+    results["warm_start_average"] = _average_warm_start(results["tasks"], output / "plots" / "average.png",
+                                                        f"warm start ({settings.warm_start_variant})")
     results["seconds"] = time.perf_counter() - started
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -406,6 +408,30 @@ def _warm_start_summary(baseline: dict[str, Any], warm: dict[str, Any], plot: Pa
         "warm_val_acc_at_start": warm_curve[0][1],
         "baseline_val_acc_at_start": baseline_curve[0][1],
         "warm_test_acc": warm["test_acc"],
+        "baseline_run": baseline["run_dir"],
+        "warm_run": warm["run_dir"],
         "plot": str(plot),
         "compare": summary,
+    }
+
+
+def _average_warm_start(tasks: dict[str, Any], plot: Path, warm_label: str) -> dict[str, Any]:
+    """The warm start averaged over tasks (paper Fig. 3): mean curves and steps to the baseline's final mean."""
+    from ..compare import compare_groups
+
+    warm_group, baseline_group = f"{warm_label}, mean over {len(tasks)} tasks", "from pretrained target, mean"
+    groups = {warm_group: [entry["warm_start"]["warm_run"] for entry in tasks.values()],
+              baseline_group: [entry["warm_start"]["baseline_run"] for entry in tasks.values()]}
+    # the baseline's mean curve ends at the mean of the per-task targets
+    target = sum(entry["warm_start"]["target_val_acc"] for entry in tasks.values()) / len(tasks)
+    summary = compare_groups(groups, plot, target=target, overwrite=True)
+    warm, baseline = summary["runs"][warm_group], summary["runs"][baseline_group]
+    steps = max(entry["warm_start"]["baseline_steps"] for entry in tasks.values())
+    return {
+        "target_val_acc": target,
+        "baseline_steps": steps,
+        "baseline_steps_to_target": baseline["steps_to_target"],
+        "warm_steps_to_target": warm["steps_to_target"],
+        "warm_final_val_acc": warm["final"],
+        "plot": str(plot),
     }
