@@ -33,7 +33,8 @@ def test_quick_demo_writes_results_table_and_plots(tmp_path):
     average = results["warm_start_average"]
     entries = list(results["tasks"].values())
     assert average["target_val_acc"] == pytest.approx(sum(e["warm_start"]["target_val_acc"] for e in entries) / 2)
-    curves = [read_scalars(e["warm_start"]["warm_run"])["val/acc"] for e in entries]
+    assert all(len(e["warm_start"]["warm_runs"]) == e["warm_start"]["seeds"] == 1 for e in entries)
+    curves = [read_scalars(e["warm_start"]["warm_runs"][0])["val/acc"] for e in entries]
     mean_curve = [(step, (a + b) / 2) for (step, a), (_, b) in zip(*curves)]
     assert average["warm_steps_to_target"] == steps_to_target(mean_curve, average["target_val_acc"])
     assert average["warm_final_val_acc"] == pytest.approx(mean_curve[-1][1])
@@ -61,6 +62,49 @@ def test_warm_start_uses_the_chosen_transport_variant(tmp_path):
     assert (paper.map_mode, paper.transport_embeddings, paper.attention_maps) == ("paper", False, "per_point")
     with pytest.raises(ValueError, match="unknown demo variants"):
         DemoSettings(tasks=("sizes",), warm_start_variant="Theseus (typo)")
+
+
+def _logged_run(folder: Path, curve: list[float], test_acc: float) -> dict:
+    """A fake fine-tune: its val/acc curve written to TensorBoard every 10 steps, as the demo's runs are."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        for index, value in enumerate(curve):
+            writer.add_scalar("val/acc", value, index * 10)
+    return {"run_dir": str(folder), "test_acc": test_acc, "steps": 10 * (len(curve) - 1)}
+
+
+def test_warm_start_summary_times_seed_mean_curves(tmp_path):
+    from theseus_transport.zoo.demo import _average_warm_start, _warm_start_summary
+
+    # two seeds per side; the seed means are baseline 0.2 0.4 0.6 0.7 and warm 0.5 0.65 0.7 0.75
+    baselines = [_logged_run(tmp_path / "b0", [0.2, 0.5, 0.6, 0.8], 0.8), _logged_run(tmp_path / "b1", [0.2, 0.3, 0.6, 0.6], 0.6)]
+    warms = [_logged_run(tmp_path / "w0", [0.5, 0.6, 0.8, 0.7], 0.9), _logged_run(tmp_path / "w1", [0.5, 0.7, 0.6, 0.8], 0.7)]
+    summary = _warm_start_summary(baselines, warms, tmp_path / "task.png", "warm")
+    assert summary["target_val_acc"] == pytest.approx(0.7)
+    # warm seed 1 reaches 0.7 at step 10, before the warm mean does: the summary must time the means
+    assert summary["baseline_steps_to_target"] == 30 and summary["warm_steps_to_target"] == 20
+    assert summary["baseline_steps"] == 30 and summary["seeds"] == 2
+    assert summary["warm_test_acc"] == pytest.approx(0.8)
+    assert summary["warm_val_acc_at_start"] == pytest.approx(0.5) and summary["baseline_val_acc_at_start"] == pytest.approx(0.2)
+    assert (tmp_path / "task.png").stat().st_size > 0
+
+    other = _warm_start_summary([_logged_run(tmp_path / "b2", [0.5, 0.5, 0.5, 0.9], 0.9)] * 2,
+                                [_logged_run(tmp_path / "w2", [0.9, 0.9, 0.9, 0.9], 0.9)] * 2, tmp_path / "other.png", "warm")
+    average = _average_warm_start({"a": {"warm_start": summary}, "b": {"warm_start": other}}, tmp_path / "avg.png", "warm")
+    # mean of the two tasks: baseline 0.35 0.425 0.55 0.8, warm 0.7 0.775 0.8 0.825
+    assert average["target_val_acc"] == pytest.approx(0.8)
+    assert average["warm_steps_to_target"] == 20 and average["baseline_steps_to_target"] == 30
+    assert average["warm_final_val_acc"] == pytest.approx(0.825)
+
+
+def test_warm_start_seeds_are_checked():
+    from theseus_transport.zoo.demo import DemoSettings
+
+    assert DemoSettings.full().warm_start_seeds == (0, 1, 2) and DemoSettings.quick().warm_start_seeds == (0,)
+    for seeds in ((), (1, 1)):
+        with pytest.raises(ValueError, match="warm_start_seeds"):
+            DemoSettings(tasks=("sizes",), warm_start_seeds=seeds)
 
 
 @pytest.mark.slow

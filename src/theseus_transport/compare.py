@@ -127,7 +127,8 @@ def _plot(curves: Mapping[str, tuple[str, dict[str, list[tuple[int, float]]]]], 
     metric_axis.axhline(target, color="grey", linestyle="--", linewidth=0.8)
     loss_axis.set(xlabel="step", ylabel=loss_tag, title="training loss")
     metric_axis.set(xlabel="step", ylabel=monitor, title=f"{monitor} (target {target:.3f})")
-    loss_axis.legend(fontsize=8)
+    if loss_axis.get_lines():  # runs that logged no loss leave this panel empty
+        loss_axis.legend(fontsize=8)
     metric_axis.legend(fontsize=8)
     figure.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)

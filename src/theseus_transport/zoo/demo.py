@@ -77,7 +77,11 @@ class DemoSettings:
     lr: float = 1e-3
     warmup_steps: int = 10
     weight_decay: float = 0.1
+    gradient_clip_val: float | None = None
     warm_start_batches: int = 20
+    # fine-tuning seeds (data order) of the warm start and its baseline: one run's curve moves by several
+    # points between evaluations at these sizes (docs/zoo.md, session 6), so both curves are seed means
+    warm_start_seeds: tuple[int, ...] = (0, 1, 2)
     # the transport that initialises the warm start (a label of VARIANTS): the one that carried the most
     # of the tasks at alpha = 1 in a probe on the saved task vectors of a full demo (docs/zoo.md, session 5)
     warm_start_variant: str = "Theseus (rank-aware, + embeddings, head-aware attention)"
@@ -93,6 +97,8 @@ class DemoSettings:
         unknown = [label for label in (*self.variants, self.warm_start_variant) if label not in known]
         if unknown:
             raise ValueError(f"unknown demo variants {unknown}; known: {known}")
+        if not self.warm_start_seeds or len(set(self.warm_start_seeds)) != len(self.warm_start_seeds):
+            raise ValueError(f"warm_start_seeds must be distinct and not empty, got {self.warm_start_seeds}")
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -106,7 +112,8 @@ class DemoSettings:
         """Two tasks, fewer steps and batches: a few minutes, for CI and the notebook."""
         return cls(
             tasks=("sizes", "positions"), calibration_batches=(1, 5), finetune_steps=40, warm_start_steps=40,
-            eval_every=10, warm_start_batches=5, sweep_alpha=False, family_steps=100, held_out_batches=2,
+            eval_every=10, warm_start_batches=5, warm_start_seeds=(0,), sweep_alpha=False, family_steps=100,
+            held_out_batches=2,
         )
 
 
@@ -165,7 +172,7 @@ class TaskBench:
 
 def finetune(
     model_name: str, task: str, steps: int, run_dir: Path, settings: DemoSettings,
-    task_vector_out: Path | None = None, warm_start_from: Path | None = None,
+    task_vector_out: Path | None = None, warm_start_from: Path | None = None, seed: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `model_name` on a zoo task with the suite's module, datamodule and callbacks."""
     import lightning as L
@@ -175,11 +182,13 @@ def finetune(
     from ..data import ImageClassificationDataModule
     from ..modules import ImageClassifier
 
-    L.seed_everything(settings.seed, workers=True, verbose=False)
+    # `seed` changes the training data order only: calibration (and so a warm start's transport) stays fixed
+    seed = settings.seed if seed is None else seed
+    L.seed_everything(seed, workers=True, verbose=False)
     datamodule = ImageClassificationDataModule(
         f"zoo:{task}", model_name=model_name, source_model_name=SOURCE_MODEL, batch_size=settings.batch_size,
         calibration_batches=settings.warm_start_batches, calibration_batch_size=settings.calibration_batch_size,
-        calibration_seed=settings.seed, seed=settings.seed,
+        calibration_seed=settings.seed, seed=seed,
     )
     module = ImageClassifier(
         model_name, head="zeroshot", lr=settings.lr, warmup_steps=settings.warmup_steps,
@@ -193,7 +202,7 @@ def finetune(
         accelerator="cpu", devices=1, max_steps=steps, val_check_interval=settings.eval_every,
         check_val_every_n_epoch=None, logger=TensorBoardLogger(str(run_dir), name="", version=""),
         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, deterministic=True,
+        num_sanity_val_steps=0, deterministic=True, gradient_clip_val=settings.gradient_clip_val,
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -337,7 +346,6 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", quick: bool = False
 
 def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any]:
     """The demo itself, with the cache already chosen."""
-    from ..compare import compare_runs
     from ..families import load_base_encoder
     from . import family
     from .report import write_markdown
@@ -370,11 +378,17 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
         }
         if settings.depth_target is not None:
             entry["depth"] = depth_experiment(task, source, task_vector, settings)
-        baseline = finetune(TARGET_MODEL, task, settings.warm_start_steps, task_dir / "target_finetune", settings)
-        warm = finetune(TARGET_MODEL, task, settings.warm_start_steps, task_dir / "target_warmstart_theseus", settings,
-                        warm_start_from=source_vector_path)
-        entry["target_finetuned_test_acc"] = baseline["test_acc"]
-        entry["warm_start"] = _warm_start_summary(baseline, warm, output / "plots" / f"{task}.png", compare_runs,
+        baselines, warms = [], []
+        for seed in settings.warm_start_seeds:
+            baselines.append(finetune(TARGET_MODEL, task, settings.warm_start_steps,
+                                      task_dir / f"target_finetune_seed{seed}", settings, seed=seed))
+            warms.append(finetune(TARGET_MODEL, task, settings.warm_start_steps,
+                                  task_dir / f"target_warmstart_theseus_seed{seed}", settings,
+                                  warm_start_from=source_vector_path, seed=seed))
+        # the upper bound is the same fine-tune as the warm start's baseline, averaged over its seeds
+        entry["target_finetuned_test_acc"] = sum(run["test_acc"] for run in baselines) / len(baselines)
+        entry["target_finetuned_test_acc_per_seed"] = [run["test_acc"] for run in baselines]
+        entry["warm_start"] = _warm_start_summary(baselines, warms, output / "plots" / f"{task}.png",
                                                   f"warm start ({settings.warm_start_variant})")
         entry["seconds"] = time.perf_counter() - task_started
         results["tasks"][task] = entry
@@ -391,47 +405,41 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
     return results
 
 
-def _warm_start_summary(baseline: dict[str, Any], warm: dict[str, Any], plot: Path, compare_runs: Any,
+def _warm_start_summary(baselines: list[dict[str, Any]], warms: list[dict[str, Any]], plot: Path,
                         warm_label: str) -> dict[str, Any]:
-    from ..compare import read_scalars, steps_to_target
-
-    baseline_curve = read_scalars(baseline["run_dir"])["val/acc"]
-    warm_curve = read_scalars(warm["run_dir"])["val/acc"]
-    target = baseline_curve[-1][1]  # the accuracy the baseline fine-tune has at its final step
-    summary = compare_runs([warm["run_dir"], baseline["run_dir"]], plot, target=target, overwrite=True,
-                           labels=[warm_label, "from pretrained target"])
-    return {
-        "target_val_acc": target,
-        "baseline_steps": baseline["steps"],
-        "baseline_steps_to_target": steps_to_target(baseline_curve, target),
-        "warm_steps_to_target": steps_to_target(warm_curve, target),
-        "warm_val_acc_at_start": warm_curve[0][1],
-        "baseline_val_acc_at_start": baseline_curve[0][1],
-        "warm_test_acc": warm["test_acc"],
-        "baseline_run": baseline["run_dir"],
-        "warm_run": warm["run_dir"],
-        "plot": str(plot),
-        "compare": summary,
-    }
+    """One task's warm start: seed-mean curves of both fine-tunes and the steps each needs to the target."""
+    race = _race([run["run_dir"] for run in baselines], [run["run_dir"] for run in warms],
+                 "from pretrained target", warm_label, plot)
+    return {**race, "baseline_steps": max(run["steps"] for run in baselines),
+            "warm_test_acc": sum(run["test_acc"] for run in warms) / len(warms), "seeds": len(warms)}
 
 
 def _average_warm_start(tasks: dict[str, Any], plot: Path, warm_label: str) -> dict[str, Any]:
     """The warm start averaged over tasks (paper Fig. 3): mean curves and steps to the baseline's final mean."""
-    from ..compare import compare_groups
+    # every task has as many seeds, so the mean over all runs is the mean of the per-task curves
+    race = _race([run for entry in tasks.values() for run in entry["warm_start"]["baseline_runs"]],
+                 [run for entry in tasks.values() for run in entry["warm_start"]["warm_runs"]],
+                 "from pretrained target, mean", f"{warm_label}, mean over {len(tasks)} tasks", plot)
+    return {**race, "baseline_steps": max(entry["warm_start"]["baseline_steps"] for entry in tasks.values())}
 
-    warm_group, baseline_group = f"{warm_label}, mean over {len(tasks)} tasks", "from pretrained target, mean"
-    groups = {warm_group: [entry["warm_start"]["warm_run"] for entry in tasks.values()],
-              baseline_group: [entry["warm_start"]["baseline_run"] for entry in tasks.values()]}
-    # the baseline's mean curve ends at the mean of the per-task targets
-    target = sum(entry["warm_start"]["target_val_acc"] for entry in tasks.values()) / len(tasks)
-    summary = compare_groups(groups, plot, target=target, overwrite=True)
-    warm, baseline = summary["runs"][warm_group], summary["runs"][baseline_group]
-    steps = max(entry["warm_start"]["baseline_steps"] for entry in tasks.values())
+
+def _race(baseline_runs: list[str], warm_runs: list[str], baseline_label: str, warm_label: str,
+          plot: Path) -> dict[str, Any]:
+    """Mean validation curves of baseline and warm-start runs, timed against the baseline's final mean."""
+    from ..compare import compare_groups, mean_series, read_scalars, steps_to_target
+
+    baseline_curve, warm_curve = (mean_series([read_scalars(run)["val/acc"] for run in runs])
+                                  for runs in (baseline_runs, warm_runs))
+    target = baseline_curve[-1][1]  # the accuracy the baseline fine-tune has at its final step
+    compare_groups({warm_label: warm_runs, baseline_label: baseline_runs}, plot, target=target, overwrite=True)
     return {
         "target_val_acc": target,
-        "baseline_steps": steps,
-        "baseline_steps_to_target": baseline["steps_to_target"],
-        "warm_steps_to_target": warm["steps_to_target"],
-        "warm_final_val_acc": warm["final"],
+        "baseline_steps_to_target": steps_to_target(baseline_curve, target),
+        "warm_steps_to_target": steps_to_target(warm_curve, target),
+        "baseline_val_acc_at_start": baseline_curve[0][1],
+        "warm_val_acc_at_start": warm_curve[0][1],
+        "warm_final_val_acc": warm_curve[-1][1],
+        "baseline_runs": list(baseline_runs),
+        "warm_runs": list(warm_runs),
         "plot": str(plot),
     }

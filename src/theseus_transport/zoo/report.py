@@ -30,7 +30,9 @@ def accuracy_rows(results: dict[str, Any], batches: str) -> list[tuple[str, list
         if "swept_test_acc" in tasks[names[0]]["transport"][batches]["variants"][label]:
             rows.append((f"Target + {label}, α swept on val",
                          [tasks[t]["transport"][batches]["variants"][label]["swept_test_acc"] for t in names]))
-    rows.append(("Target fine-tuned (upper bound)", [tasks[t]["target_finetuned_test_acc"] for t in names]))
+    seeds = len(results["settings"].get("warm_start_seeds", (0,)))
+    label = "Target fine-tuned (upper bound)" + (f", mean of {seeds} seeds" if seeds > 1 else "")
+    rows.append((label, [tasks[t]["target_finetuned_test_acc"] for t in names]))
     rows.append(("Source fine-tuned", [tasks[t]["source_finetuned_test_acc"] for t in names]))
     return rows
 
@@ -67,7 +69,9 @@ def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> str:
     warm_variant = results["settings"].get("warm_start_variant", "Theseus (rank-aware)")
     lines += ["## Warm start", "",
               "Steps for the target to reach the validation accuracy that fine-tuning from the pretrained target has at its "
-              f"final step; same settings and seed; the warm start begins from the target + {warm_variant}, α=1.", "",
+              f"final step; same settings and seeds; the warm start begins from the target + {warm_variant}, α=1. "
+              f"Both curves are means over the fine-tuning seeds {list(results['settings'].get('warm_start_seeds', (0,)))} "
+              "(training data order; the transport is the same for every seed).", "",
               "| task | target val acc | from pretrained: steps run / first reached | from Theseus: steps to target | ratio | val acc at step 0 (pretrained / Theseus) |",
               "|---|---|---|---|---|---|"]
     ratios, all_ratios, learning_ratios = [], [], []
