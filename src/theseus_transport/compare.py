@@ -127,11 +127,10 @@ def _plot(curves: Mapping[str, tuple[str, dict[str, list[tuple[int, float]]]]], 
     metric_axis.axhline(target, color="grey", linestyle="--", linewidth=0.8)
     loss_axis.set(xlabel="step", ylabel=loss_tag, title="training loss")
     metric_axis.set(xlabel="step", ylabel=monitor, title=f"{monitor} (target {target:.3f})")
-    if loss_axis.get_lines():  # runs that logged no loss leave this panel empty
-        loss_axis.legend(fontsize=8)
-    metric_axis.legend(fontsize=8)
     figure.tight_layout()
+    # one legend under both panels: run labels can be long, and both panels share the colours
+    figure.legend(*metric_axis.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
+    figure.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return summary
