@@ -90,7 +90,10 @@ class EncoderModeProbe(L.Callback):
         self.modes: list[bool] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.modes.append(pl_module.encoder.training)
+        # every submodule, not just the encoder's root: dropout layers deep inside decide what training means
+        modes = {module.training for module in pl_module.encoder.modules()}
+        assert len(modes) == 1, "the encoder's submodules are in mixed train / eval modes"
+        self.modes.append(modes.pop())
 
 
 class FakeWarmStart(L.Callback):
@@ -120,8 +123,11 @@ def test_finetune_reduces_loss_and_writes_a_pretrained_relative_task_vector(colo
     head_before = module.zeroshot_head.clone()
     loss_before = _mean_loss(module, data.train_dataloader())
     warm_start = FakeWarmStart()
-    trainer = _trainer(24, callbacks=[warm_start], validate=True)
+    modes = EncoderModeProbe()
+    module.encoder.eval()  # as loaders hand encoders over; validation at every epoch end must not leave it so either
+    trainer = _trainer(24, callbacks=[warm_start, modes], validate=True)
     trainer.fit(module, datamodule=data)
+    assert len(modes.modes) == 24 and all(modes.modes)  # fine-tuning runs in training mode
 
     assert _mean_loss(module, data.train_dataloader()) < 0.7 * loss_before
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
@@ -214,9 +220,12 @@ def test_text_classifier_trains_and_writes_a_t5_task_vector(tmp_path):
     out = tmp_path / "t5.safetensors"
     module = TextClassifier("t5-tiny-offline", lr=3e-3, weight_decay=0.0, warmup_steps=1, task_vector_out=str(out))
     pretrained = snapshot_state(module.encoder)
-    trainer = _trainer(12)
+    module.encoder.eval()  # as transformers' from_pretrained hands it over: dropout off
+    modes = EncoderModeProbe()
+    trainer = _trainer(12, callbacks=[modes])
     trainer.fit(module, datamodule=data)
     assert module.num_classes == 2
+    assert len(modes.modes) == 12 and all(modes.modes)  # fine-tuning with T5's dropout, as transformers' Trainer does
 
     tensors, sidecar = load_task_vector(out)
     assert sidecar["family"] == "t5" and sidecar["encoder"] == "t5-encoder"

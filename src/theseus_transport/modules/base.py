@@ -186,7 +186,10 @@ class EncoderClassifier(L.LightningModule):
         return Path(str(self.task_vector_out).replace("{task}", self.resolved_task_name()))
 
     def on_fit_start(self) -> None:
-        """Refuse an existing task_vector_out now rather than after hours of training."""
+        """Put the model in training mode and refuse an existing task_vector_out before training."""
+        # encoders load in eval mode (transformers' from_pretrained, the zoo's loader) and Lightning keeps the
+        # modes it finds, so without this a fine-tune would run with T5's dropout off; a frozen encoder stays in eval
+        self.train()
         path = self.resolved_task_vector_out()
         if path is not None and self.trainer.is_global_zero:
             check_writable(path, sidecar_path(path), overwrite=self.overwrite)
