@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,6 +129,17 @@ def test_build_world_is_idempotent_and_rebuilds_on_new_seed(tmp_path):
     assert manifest.stat().st_mtime_ns == stamp
     build_world(tmp_path, seed=5, sizes=sizes)
     assert json.loads(manifest.read_text())["seed"] == 5
+
+
+def test_a_world_built_with_other_sizes_is_used_with_a_warning(tmp_path, caplog):
+    sizes = {"pretrain": 4, "train": 2, "val": 3, "test": 2, "calibration": 2}
+    build_world(tmp_path, seed=0, sizes=sizes)
+    with caplog.at_level(logging.WARNING, logger="theseus_transport.zoo.world"):
+        first = load_task("sizes", tmp_path)
+        load_task("colors", tmp_path)
+    assert first["val"].num_rows == 3  # used as it is, not rebuilt
+    warnings = [record.getMessage() for record in caplog.records if "differs from the default world" in record.getMessage()]
+    assert len(warnings) == 1 and "sizes" in warnings[0] and "'val': 3" in warnings[0]  # once, naming the cause
 
 
 def test_unknown_task_and_size_keys_are_rejected(tiny_cache):
