@@ -107,6 +107,21 @@ def test_warm_start_seeds_are_checked():
             DemoSettings(tasks=("sizes",), warm_start_seeds=seeds)
 
 
+def test_finetune_pool_size():
+    from concurrent.futures import ProcessPoolExecutor
+
+    from theseus_transport.zoo.demo import DemoSettings, _finetune_pool, _InlineExecutor
+
+    inline = _finetune_pool(DemoSettings(tasks=("sizes",), workers=1))
+    assert isinstance(inline, _InlineExecutor) and inline.submit(pow, 2, 5).result() == 32
+    # never more workers than a task has fine-tunes (baseline and warm start per seed)
+    pool = _finetune_pool(DemoSettings(tasks=("sizes",), workers=8, warm_start_seeds=(0,)))
+    try:
+        assert isinstance(pool, ProcessPoolExecutor) and pool._max_workers == 2
+    finally:
+        pool.shutdown()
+
+
 @pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
     import nbformat

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import multiprocessing
 import os
 import time
 import warnings
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,8 @@ class DemoSettings:
     held_out_batches: int = 8  # paired validation batches for the alignment / CKA diagnostics
     seed: int = 0
     variants: tuple[str, ...] = field(default_factory=lambda: tuple(label for label, _ in VARIANTS))
+    # worker processes for a task's target fine-tunes (one torch thread each); None: one per CPU core
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         known = [label for label, _ in VARIANTS]
@@ -359,40 +363,9 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
     # the frozen base source serves every task: transports, diagnostics and depth only read it
     source = load_base_encoder("openclip", SOURCE_MODEL)
     results: dict[str, Any] = {"settings": asdict(settings), "tasks": {}}
-    for task in settings.tasks:
-        task_started = time.perf_counter()
-        task_dir = output / "runs" / task
-        source_vector_path = output / "task_vectors" / SOURCE_MODEL / f"{task}.safetensors"
-        for path in (source_vector_path, source_vector_path.with_suffix(".json")):
-            if overwrite:
-                path.unlink(missing_ok=True)
-        source_run = finetune(SOURCE_MODEL, task, settings.finetune_steps, task_dir / "source_finetune", settings,
-                              task_vector_out=source_vector_path)
-        task_vector, _ = load_task_vector(source_vector_path)
-        bench = TaskBench(task, settings)
-        entry: dict[str, Any] = {
-            "source_finetuned_test_acc": source_run["test_acc"],
-            "target_zeroshot_test_acc": bench.evaluate(None),
-            "transport": transport_task(bench, source, task_vector, settings),
-            "diagnostics": diagnose_task(bench, source, task_vector),
-        }
-        if settings.depth_target is not None:
-            entry["depth"] = depth_experiment(task, source, task_vector, settings)
-        baselines, warms = [], []
-        for seed in settings.warm_start_seeds:
-            baselines.append(finetune(TARGET_MODEL, task, settings.warm_start_steps,
-                                      task_dir / f"target_finetune_seed{seed}", settings, seed=seed))
-            warms.append(finetune(TARGET_MODEL, task, settings.warm_start_steps,
-                                  task_dir / f"target_warmstart_theseus_seed{seed}", settings,
-                                  warm_start_from=source_vector_path, seed=seed))
-        # the upper bound is the same fine-tune as the warm start's baseline, averaged over its seeds
-        entry["target_finetuned_test_acc"] = sum(run["test_acc"] for run in baselines) / len(baselines)
-        entry["target_finetuned_test_acc_per_seed"] = [run["test_acc"] for run in baselines]
-        entry["warm_start"] = _warm_start_summary(baselines, warms, output / "plots" / f"{task}.png",
-                                                  f"warm start ({settings.warm_start_variant})")
-        entry["seconds"] = time.perf_counter() - task_started
-        results["tasks"][task] = entry
-        log.info("demo: %s done in %.0fs", task, entry["seconds"])
+    with _finetune_pool(settings) as pool:
+        for task in settings.tasks:
+            results["tasks"][task] = _run_task(task, settings, output, overwrite, source, pool)
     results["warm_start_average"] = _average_warm_start(results["tasks"], output / "plots" / "average.png",
                                                         f"warm start ({settings.warm_start_variant})")
     results["seconds"] = time.perf_counter() - started
@@ -403,6 +376,75 @@ def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any
     print(f"\nwrote {output / 'results.json'}, {output / 'results.md'} and plots in {output / 'plots'} "
           f"({results['seconds'] / 60:.1f} min)")
     return results
+
+
+def _run_task(task: str, settings: DemoSettings, output: Path, overwrite: bool, source: torch.nn.Module,
+              pool: Executor) -> dict[str, Any]:
+    """One task of the demo: source fine-tune, transports, diagnostics, depth, and the warm start."""
+    task_started = time.perf_counter()
+    task_dir = output / "runs" / task
+    source_vector_path = output / "task_vectors" / SOURCE_MODEL / f"{task}.safetensors"
+    for path in (source_vector_path, source_vector_path.with_suffix(".json")):
+        if overwrite:
+            path.unlink(missing_ok=True)
+    source_run = finetune(SOURCE_MODEL, task, settings.finetune_steps, task_dir / "source_finetune", settings,
+                          task_vector_out=source_vector_path)
+    task_vector, _ = load_task_vector(source_vector_path)
+    bench = TaskBench(task, settings)
+    entry: dict[str, Any] = {
+        "source_finetuned_test_acc": source_run["test_acc"],
+        "target_zeroshot_test_acc": bench.evaluate(None),
+        "transport": transport_task(bench, source, task_vector, settings),
+        "diagnostics": diagnose_task(bench, source, task_vector),
+    }
+    if settings.depth_target is not None:
+        entry["depth"] = depth_experiment(task, source, task_vector, settings)
+    # the target fine-tunes are independent and seeded: they run side by side, with the same results
+    jobs = [(pool.submit(finetune, TARGET_MODEL, task, settings.warm_start_steps,
+                         task_dir / f"target_finetune_seed{seed}", settings, seed=seed),
+             pool.submit(finetune, TARGET_MODEL, task, settings.warm_start_steps,
+                         task_dir / f"target_warmstart_theseus_seed{seed}", settings,
+                         warm_start_from=source_vector_path, seed=seed))
+            for seed in settings.warm_start_seeds]
+    baselines = [baseline.result() for baseline, _ in jobs]
+    warms = [warm.result() for _, warm in jobs]
+    # the upper bound is the same fine-tune as the warm start's baseline, averaged over its seeds
+    entry["target_finetuned_test_acc"] = sum(run["test_acc"] for run in baselines) / len(baselines)
+    entry["target_finetuned_test_acc_per_seed"] = [run["test_acc"] for run in baselines]
+    entry["warm_start"] = _warm_start_summary(baselines, warms, output / "plots" / f"{task}.png",
+                                              f"warm start ({settings.warm_start_variant})")
+    entry["seconds"] = time.perf_counter() - task_started
+    log.info("demo: %s done in %.0fs", task, entry["seconds"])
+    return entry
+
+
+class _InlineExecutor(Executor):
+    """Runs each submitted call at once in this process (one worker: no process start-up to pay)."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        """Run `fn` now and return its finished future."""
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def _finetune_worker() -> None:
+    """Set up a spawned worker as the main process is: one torch thread, the zoo's configs registered."""
+    from .family import register_family_configs
+
+    torch.set_num_threads(1)
+    register_family_configs()
+
+
+def _finetune_pool(settings: DemoSettings) -> Executor:
+    """Worker processes for the target fine-tunes, or this process alone when one worker is asked for."""
+    runs = 2 * len(settings.warm_start_seeds)
+    workers = min(runs, settings.workers if settings.workers is not None else (os.cpu_count() or 1))
+    if workers <= 1:
+        return _InlineExecutor()
+    # spawn, not fork: torch's thread pools do not survive a fork (as for the family build)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_finetune_worker)
 
 
 def _warm_start_summary(baselines: list[dict[str, Any]], warms: list[dict[str, Any]], plot: Path,
