@@ -14,9 +14,10 @@ from theseus_transport.cli import main
 @pytest.mark.slow
 def test_quick_demo_writes_results_table_and_plots(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    # two workers: the quick preset runs inline, and this is where the worker-process path runs end to end
+    assert main(["demo", "--quick", "--output-dir", str(out), "--workers", "2"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["tasks"]) == {"sizes", "positions"}
+    assert set(results["tasks"]) == {"sizes", "positions"} and results["settings"]["workers"] == 2
     for task, entry in results["tasks"].items():
         diagnostics = entry["diagnostics"]
         assert 0.0 < diagnostics["linear_cka"] <= 1.0
@@ -112,6 +113,9 @@ def test_finetune_pool_size():
 
     from theseus_transport.zoo.demo import DemoSettings, _finetune_pool, _InlineExecutor
 
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        DemoSettings(tasks=("sizes",), workers=0)
+    assert main(["demo", "--quick", "--workers", "0"]) == 2  # refused before anything runs
     inline = _finetune_pool(DemoSettings(tasks=("sizes",), workers=1))
     assert isinstance(inline, _InlineExecutor) and inline.submit(pow, 2, 5).result() == 32
     # never more workers than a task has fine-tunes (baseline and warm start per seed)

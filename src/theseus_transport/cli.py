@@ -203,9 +203,18 @@ def compare_main(options: argparse.Namespace) -> int:
 
 def demo_main(options: argparse.Namespace) -> int:
     """Run the offline end-to-end demo (zoo family, 8 tasks, transport, warm start)."""
-    from .zoo.demo import run_demo
+    from dataclasses import replace
 
-    run_demo(output_dir=options.output_dir, quick=options.quick, overwrite=options.overwrite, cache_dir=options.cache_dir)
+    from .zoo.demo import DemoSettings, run_demo
+
+    settings = DemoSettings.quick() if options.quick else DemoSettings.full()
+    if options.workers is not None:
+        try:
+            settings = replace(settings, workers=options.workers)
+        except ValueError as error:  # the settings check their own values
+            print(f"theseus demo: {error}", file=sys.stderr)
+            return 2
+    run_demo(output_dir=options.output_dir, overwrite=options.overwrite, cache_dir=options.cache_dir, settings=settings)
     return 0
 
 
@@ -243,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--cache-dir", default=None)
     demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--workers", type=int, default=None,
+                      help="processes for the target fine-tunes (default: one per core for the full demo, 1 for --quick)")
     options = parser.parse_args(argv)
     if options.command is None:
         parser.print_help()

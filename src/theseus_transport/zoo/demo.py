@@ -103,6 +103,8 @@ class DemoSettings:
             raise ValueError(f"unknown demo variants {unknown}; known: {known}")
         if not self.warm_start_seeds or len(set(self.warm_start_seeds)) != len(self.warm_start_seeds):
             raise ValueError(f"warm_start_seeds must be distinct and not empty, got {self.warm_start_seeds}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be at least 1 (or None: one per core), got {self.workers}")
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -117,7 +119,7 @@ class DemoSettings:
         return cls(
             tasks=("sizes", "positions"), calibration_batches=(1, 5), finetune_steps=40, warm_start_steps=40,
             eval_every=10, warm_start_batches=5, warm_start_seeds=(0,), sweep_alpha=False, family_steps=100,
-            held_out_batches=2,
+            held_out_batches=2, workers=1,  # two 40-step runs per task: starting worker processes costs more (15 s)
         )
 
 
