@@ -138,6 +138,19 @@ def test_compare_groups_averages_runs_step_by_step(runs, tmp_path, monkeypatch):
     close(figure)
 
 
+def test_compare_groups_takes_the_target_from_a_group(runs, tmp_path):
+    folders, _ = runs
+    summary = compare_groups({"warm": folders[:1], "base": folders[1:]}, tmp_path / "t.png", target_from="base")
+    baseline, warm = (read_scalars(folder)[MONITOR] for folder in (folders[1], folders[0]))
+    assert summary["target"] == baseline[-1][1] == summary["runs"]["base"]["final"]
+    assert summary["runs"]["warm"]["steps_to_target"] == steps_to_target(warm, baseline[-1][1])
+    assert summary["runs"]["warm"]["first"] == warm[0][1]
+    for bad in ({"target_from": "nobody"}, {"target_from": "base", "target": 0.5}):
+        with pytest.raises(RunLogError, match="target_from"):
+            compare_groups({"warm": folders[:1], "base": folders[1:]}, tmp_path / "bad.png", **bad)
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_mean_series_refuses_runs_logged_at_different_steps():
     averaged = mean_series([[(0, 0.2), (10, 0.4)], [(0, 0.4), (10, 0.8)]])
     assert [step for step, _ in averaged] == [0, 10]

@@ -84,8 +84,15 @@ def compare_groups(
     target: float | None = None,
     loss_tag: str = "train/loss",
     overwrite: bool = False,
+    target_from: str | None = None,
 ) -> dict[str, Any]:
-    """Plot each group's curves averaged over its runs (e.g. over tasks); return steps-to-target per group."""
+    """Plot each group's curves averaged over its runs (e.g. over tasks); return steps-to-target per group.
+
+    `target_from` names a group whose mean curve's final value is the target (a baseline's end point).
+    """
+    if target_from is not None and (target is not None or target_from not in groups):
+        raise RunLogError(f"target_from must name one of the groups {list(groups)} and replaces target; "
+                          f"got target_from={target_from!r}, target={target!r}")
     check_writable(out, overwrite=overwrite)
     curves = {}
     for label, runs in groups.items():
@@ -98,6 +105,8 @@ def compare_groups(
         # a tag is averaged only where every run of the group logged it
         shared = set.intersection(*(set(series) for series in scalars))
         curves[label] = (label, {tag: mean_series([series[tag] for series in scalars]) for tag in sorted(shared)})
+    if target_from is not None:
+        target = curves[target_from][1][monitor][-1][1]
     summary = _plot(curves, out, monitor, target, loss_tag)
     for label, runs in groups.items():
         summary["runs"][label]["members"] = [str(run) for run in runs]
@@ -118,7 +127,8 @@ def _plot(curves: Mapping[str, tuple[str, dict[str, list[tuple[int, float]]]]], 
     summary: dict[str, Any] = {"monitor": monitor, "target": target, "runs": {}}
     for key, (label, series) in curves.items():
         reached = steps_to_target(series[monitor], target)
-        summary["runs"][key] = {"label": label, "steps_to_target": reached, "final": series[monitor][-1][1]}
+        summary["runs"][key] = {"label": label, "steps_to_target": reached, "first": series[monitor][0][1],
+                                "final": series[monitor][-1][1]}
         if loss_tag in series:
             steps, values = zip(*series[loss_tag])
             loss_axis.plot(steps, values, label=label, linewidth=1)

@@ -470,19 +470,19 @@ def _average_warm_start(tasks: dict[str, Any], plot: Path, warm_label: str) -> d
 def _race(baseline_runs: list[str], warm_runs: list[str], baseline_label: str, warm_label: str,
           plot: Path) -> dict[str, Any]:
     """Mean validation curves of baseline and warm-start runs, timed against the baseline's final mean."""
-    from ..compare import compare_groups, mean_series, read_scalars, steps_to_target
+    from ..compare import compare_groups
 
-    baseline_curve, warm_curve = (mean_series([read_scalars(run)["val/acc"] for run in runs])
-                                  for runs in (baseline_runs, warm_runs))
-    target = baseline_curve[-1][1]  # the accuracy the baseline fine-tune has at its final step
-    compare_groups({warm_label: warm_runs, baseline_label: baseline_runs}, plot, target=target, overwrite=True)
+    # the target is the accuracy the baseline fine-tune has at its final step (its mean over the runs)
+    summary = compare_groups({warm_label: warm_runs, baseline_label: baseline_runs}, plot, overwrite=True,
+                             target_from=baseline_label)
+    baseline, warm = summary["runs"][baseline_label], summary["runs"][warm_label]
     return {
-        "target_val_acc": target,
-        "baseline_steps_to_target": steps_to_target(baseline_curve, target),
-        "warm_steps_to_target": steps_to_target(warm_curve, target),
-        "baseline_val_acc_at_start": baseline_curve[0][1],
-        "warm_val_acc_at_start": warm_curve[0][1],
-        "warm_final_val_acc": warm_curve[-1][1],
+        "target_val_acc": summary["target"],
+        "baseline_steps_to_target": baseline["steps_to_target"],
+        "warm_steps_to_target": warm["steps_to_target"],
+        "baseline_val_acc_at_start": baseline["first"],
+        "warm_val_acc_at_start": warm["first"],
+        "warm_final_val_acc": warm["final"],
         "baseline_runs": list(baseline_runs),
         "warm_runs": list(warm_runs),
         "plot": str(plot),

@@ -643,15 +643,14 @@ _WARNED_WORLDS: set[Path] = set()
 def _ensure_world(cache_dir: str | os.PathLike | None) -> Path:
     """The world folder, building it with default settings when it is missing."""
     world_dir = _world_dir(cache_dir) / "world"
-    found = _read_manifest(world_dir)
+    found, wanted = _read_manifest(world_dir), _manifest(0, WorldSizes())
     if found is None:
         log.info("no world at %s; building it with default seed and sizes", world_dir)
         build_world(cache_dir)
-    elif not _same_world(found, _manifest(0, WorldSizes())) and world_dir not in _WARNED_WORLDS:
+    elif not _same_world(found, wanted) and world_dir not in _WARNED_WORLDS:
         # a world built with other settings (on purpose, or by an older version) is used as it is, since
         # rebuilding would replace what the user made; but results from it are not the defaults' results
         _WARNED_WORLDS.add(world_dir)
-        wanted = _manifest(0, WorldSizes())
         differing = sorted(key for key in wanted if found.get(key) != wanted[key])
         log.warning("the world at %s differs from the default world in %s (found %s); using it as it is. "
                     "build_world(%r) rebuilds it with the defaults", world_dir, ", ".join(differing),
