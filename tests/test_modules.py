@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 # before datasets / huggingface_hub are imported: every hub call must fail fast
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -17,13 +18,17 @@ import torch.nn.functional as F
 
 from theseus_transport.data import ImageClassificationDataModule, TextPairDataModule
 from theseus_transport.modules import (
+    NearDuplicateClassesWarning,
+    closest_classes,
+    warn_near_duplicate_classes,
     ImageClassifier,
     LinearProbe,
     TextClassifier,
     snapshot_state,
     warmup_cosine_factor,
 )
-from theseus_transport.transport.errors import OfflineError, OutputExistsError
+from theseus_transport.transport import apply_task_vector
+from theseus_transport.transport.errors import OfflineError, OutputExistsError, TaskVectorKeyError
 from theseus_transport.transport.io import load_task_vector
 # one_torch_thread is an autouse fixture: importing it is what applies it to this module
 from tiny_clip import image_split, one_torch_thread, register_tiny_openclip  # noqa: F401
@@ -164,6 +169,27 @@ def test_zeroshot_head_takes_classes_from_the_datamodule_and_evaluates(colours):
         frozen.configure_optimizers()
 
 
+def test_closest_classes_names_the_most_similar_pair_and_warns_only_when_near_duplicate():
+    head = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    closest = closest_classes(head, ["a", "b", "c", "d"])
+    assert (closest.first, closest.second) in {("b", "c"), ("c", "b")} and closest.cosine == pytest.approx(0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a well separated head stays silent
+        assert warn_near_duplicate_classes(head, ["a", "b", "c", "d"]).cosine == pytest.approx(0.8)
+    twins = torch.cat([head, head[1:2] + 1e-4 * head[0:1]])
+    with pytest.warns(NearDuplicateClassesWarning, match="'b' and 'e'"):
+        warn_near_duplicate_classes(twins, ["a", "b", "c", "d", "e"])
+    with pytest.raises(ValueError, match="does not match 3 class names"):
+        closest_classes(head, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="at least two classes"):
+        closest_classes(head[:1], ["a"])
+
+
+def test_zeroshot_head_warns_when_two_class_names_embed_alike():
+    with pytest.warns(NearDuplicateClassesWarning, match="'red' and 'red'"):
+        ImageClassifier(TINY, None, head="zeroshot", classnames=["red", "green", "red"])
+
+
 def test_linear_probe_trains_only_the_head(colours, tmp_path):
     L.seed_everything(2)
     probe = LinearProbe(TINY, None, lr=1e-2)
@@ -234,6 +260,20 @@ def test_text_classifier_trains_and_writes_a_t5_task_vector(tmp_path):
     assert set(tensors) == {key for key, value in after.items() if value.is_floating_point()}
     assert all(torch.equal(value, after[key] - pretrained[key]) for key, value in tensors.items())
     assert tensors["encoder.block.0.layer.0.SelfAttention.q.weight"].abs().sum() > 0
+    # T5 ties shared.weight and encoder.embed_tokens.weight: the vector names both, and applying it to
+    # the pretrained encoder must add the embedding update once, reproducing the fine-tuned encoder
+    assert tensors["shared.weight"].abs().sum() > 0
+    assert torch.equal(tensors["shared.weight"], tensors["encoder.embed_tokens.weight"])
+    rebuilt = TextClassifier("t5-tiny-offline").encoder
+    rebuilt.load_state_dict(pretrained, strict=False)
+    apply_task_vector(rebuilt, tensors)
+    assert all(torch.allclose(value, after[key], atol=1e-6) for key, value in rebuilt.state_dict().items()
+               if value.is_floating_point())
+    tensors["shared.weight"] = tensors["shared.weight"] + 1.0
+    with pytest.raises(TaskVectorKeyError, match="one tied parameter"):
+        apply_task_vector(rebuilt, tensors)
+    assert all(torch.allclose(value, after[key], atol=1e-6) for key, value in rebuilt.state_dict().items()
+               if value.is_floating_point())  # refused before anything was changed
 
 
 def test_text_linear_probe_keeps_the_t5_encoder_fixed():

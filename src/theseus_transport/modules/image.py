@@ -11,7 +11,7 @@ from torch import nn
 from ..arguments import init_arguments
 from ..data.templates import GENERIC_TEMPLATES
 from .base import EncoderClassifier
-from .heads import zeroshot_logits, zeroshot_weights
+from .heads import warn_near_duplicate_classes, zeroshot_logits, zeroshot_weights
 
 HEADS = ("zeroshot", "linear")
 
@@ -104,6 +104,8 @@ class ImageClassifier(EncoderClassifier):
                 raise RuntimeError("the text tower was released; the zero-shot head can no longer be rebuilt")
             clip_model, tokenizer = self._text_source
             weights = zeroshot_weights(clip_model, tokenizer, self.classnames, self.templates, device=device)
+            if len(self.classnames) > 1:
+                warn_near_duplicate_classes(weights, self.classnames)
             self._set_zeroshot_buffer(weights.cpu())
             self._text_source = None  # release the text tower
         else:

@@ -78,17 +78,39 @@ def task_vector_from_models(base: nn.Module, finetuned: nn.Module) -> dict[str, 
     return vector
 
 
+def _storage_identity(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Which memory a state-dict entry is: tied parameters (T5's shared / embed_tokens) share one."""
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()))
+
+
 @torch.no_grad()
 def apply_task_vector(encoder: nn.Module, task_vector: Mapping[str, torch.Tensor], alpha: float = 1.0) -> nn.Module:
-    """Add alpha times a task vector to the encoder's parameters in place and return the encoder."""
+    """Add alpha times a task vector to the encoder's parameters in place and return the encoder.
+
+    A parameter tied under several names (T5's `shared.weight` and `encoder.embed_tokens.weight`) is
+    updated once; the task vector must then give every one of its names the same update.
+    """
     state = encoder.state_dict()
     for key, delta in task_vector.items():
         if key not in state:
             raise TaskVectorKeyError(f"task-vector key {key!r} is not a parameter of the model")
         if state[key].shape != delta.shape:
             raise ShapeMismatchError(f"{key}: update shape {tuple(delta.shape)} != parameter {tuple(state[key].shape)}")
+    applied: dict[tuple[Any, ...], str] = {}
     for key, delta in task_vector.items():
-        target = state[key]
+        identity = _storage_identity(state[key])
+        if identity in applied:
+            first = applied[identity]
+            if not torch.equal(task_vector[first], delta):
+                raise TaskVectorKeyError(
+                    f"{first!r} and {key!r} are one tied parameter of this model, but the task vector gives them "
+                    "different updates; keep one of the two keys, or make them equal"
+                )
+            continue
+        applied[identity] = key
+    for key in applied.values():
+        target, delta = state[key], task_vector[key]
         # add in float64 and cast once, so alpha * delta is not rounded twice
         target.copy_((target.to(torch.float64) + alpha * delta.to(target.device, torch.float64)).to(target.dtype))
     return encoder

@@ -244,7 +244,10 @@ def diagnose_task(bench: TaskBench, source: torch.nn.Module, task_vector: dict[s
     target's zero-shot head on the source's embeddings (base, and fine-tuned by the task vector)
     carried over by a Procrustes map fitted on the calibration embeddings, i.e. what the target would
     score if it reproduced the source's features exactly: a ceiling for transport through the head.
+    `zeroshot_head_closest`: the target head's two most similar classes and their cosine; near 1 the
+    text tower cannot tell them apart, and a fine-tune with that head frozen learns them slowly.
     """
+    from ..modules import closest_classes
     from ..transport import linear_cka, procrustes_readout_accuracy
     from ..transport.maps import procrustes
 
@@ -264,6 +267,7 @@ def diagnose_task(bench: TaskBench, source: torch.nn.Module, task_vector: dict[s
         "readout_source_finetuned": procrustes_readout_accuracy(_features(tuned, bench.held_out, "source"), head,
                                                                  labels, feature_map),
         "held_out_images": int(len(labels)),
+        "zeroshot_head_closest": asdict(closest_classes(head, list(bench.classifier.classnames))),
     }
 
 

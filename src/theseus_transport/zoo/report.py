@@ -169,18 +169,29 @@ def _diagnostics_lines(results: dict[str, Any]) -> list[str]:
     lines = ["## Diagnostics", "",
              "Linear CKA of the base models' image embeddings on held-out images; accuracy of the target's zero-shot "
              "head on the source's embeddings carried over by a Procrustes map (base source, and source + task "
-             "vector): what the target would score if it reproduced the source's features exactly.", "",
-             "| task | linear CKA | target zero-shot | read-out, source base | read-out, source fine-tuned | source fine-tuned | target fine-tuned |",
-             "|---|---|---|---|---|---|---|"]
+             "vector): what the target would score if it reproduced the source's features exactly; the two classes "
+             "of the target's zero-shot head with the most similar text embeddings (cosine near 1: the text tower "
+             "cannot tell them apart, so zero-shot is near chance on them and a fine-tune with the head frozen "
+             "learns them slowly).", "",
+             "| task | linear CKA | target zero-shot | read-out, source base | read-out, source fine-tuned | source fine-tuned | target fine-tuned | closest head classes (cosine) |",
+             "|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         entry = results["tasks"][task]
         diagnostics = entry["diagnostics"]
         lines.append(
             f"| {task} | {diagnostics['linear_cka']:.2f} | {100 * entry['target_zeroshot_test_acc']:.1f} | "
             f"{100 * diagnostics['readout_source_base']:.1f} | {100 * diagnostics['readout_source_finetuned']:.1f} | "
-            f"{100 * entry['source_finetuned_test_acc']:.1f} | {100 * entry['target_finetuned_test_acc']:.1f} |"
+            f"{100 * entry['source_finetuned_test_acc']:.1f} | {100 * entry['target_finetuned_test_acc']:.1f} | "
+            f"{_closest_cell(diagnostics.get('zeroshot_head_closest'))} |"
         )
     return lines + [""]
+
+
+def _closest_cell(closest: dict[str, Any] | None) -> str:
+    """'a / b (0.9991)', or '-' for results written before the head diagnostic existed."""
+    if closest is None:
+        return "-"
+    return f"{closest['first']} / {closest['second']} ({closest['cosine']:.4f})"
 
 
 def _depth_lines(results: dict[str, Any]) -> list[str]:
