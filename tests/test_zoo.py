@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from theseus_transport.zoo import family, world
+from theseus_transport.families.openclip import load_openclip
 from theseus_transport.zoo.family import FAMILY_MEMBERS, build_family, load_member, register_family_configs
 from theseus_transport.zoo.world import TASKS, build_world, load_pretraining_pairs, load_task
 
@@ -189,7 +190,7 @@ def test_tokenizer_is_openclip_bpe_with_short_context():
     assert tokens[0, 0] == 49406 and 49407 in tokens[0]
 
 
-def test_build_family_writes_a_loadable_checkpoint_and_manifest(tiny_cache):
+def test_build_family_writes_a_loadable_checkpoint_and_manifest(tiny_cache, monkeypatch, caplog):
     name = "theseus-tiny-s"
     paths = build_family(tiny_cache, seed=0, steps=2, members=(name,), progress=False)
     path = paths[name]
@@ -203,6 +204,14 @@ def test_build_family_writes_a_loadable_checkpoint_and_manifest(tiny_cache):
         assert torch.equal(value, saved[key]), key
     fresh, _, _ = open_clip.create_model_and_transforms(name)
     assert not torch.equal(fresh.visual.proj, model.visual.proj)  # weights really came from the file
+    # the suite's loader gives the member with both transforms, and no OpenCLIP warning that a model
+    # was "initialized randomly" (it once built a second, weightless model just for its transforms)
+    monkeypatch.setenv("THESEUS_CACHE", str(tiny_cache))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loaded, preprocess_train, _, _ = load_openclip(name)
+    assert not [record for record in caplog.records if "initialized randomly" in record.getMessage()]
+    assert torch.equal(loaded.visual.proj, model.visual.proj) and "RandomResizedCrop" in repr(preprocess_train)
 
     # cached: a second call does not retrain; force does
     stamp = path.stat().st_mtime_ns

@@ -323,9 +323,9 @@ def load_openclip(
 
         family.register_family_configs()
         if pretrained in (None, "", "zoo"):
-            model, preprocess_val, tokenizer = family.load_member(model_name, device=device)
-            _, preprocess_train, _ = open_clip.create_model_and_transforms(model_name, pretrained=None)
-            return model, preprocess_train, preprocess_val, tokenizer
+            # one factory call gives both transforms: a second, weightless model made only for its
+            # transforms had OpenCLIP log "initialized randomly" about a member that was loaded
+            return family.load_member_with_transforms(model_name, device=device)
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device

@@ -402,6 +402,14 @@ def load_member(
     name: str, cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> tuple[open_clip.CLIP, Callable, Callable]:
     """Load a pretrained member as (model in eval mode, preprocess_val, tokenizer), building it if missing."""
+    model, _, preprocess_val, tokenizer = load_member_with_transforms(name, cache_dir, device)
+    return model, preprocess_val, tokenizer
+
+
+def load_member_with_transforms(
+    name: str, cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> tuple[open_clip.CLIP, Callable, Callable, Callable]:
+    """Load a pretrained member as (model in eval mode, preprocess_train, preprocess_val, tokenizer)."""
     if name not in FAMILY_MEMBERS:
         raise KeyError(f"unknown family member {name!r}; known: {list(FAMILY_MEMBERS)}")
     register_family_configs()
@@ -409,9 +417,11 @@ def load_member(
     if not path.is_file():
         log.warning("no checkpoint for %s at %s; pretraining it now (a few minutes on CPU)", name, path)
         build_family(cache_dir, members=(name,))
-    model, _, preprocess_val = open_clip.create_model_and_transforms(name, pretrained=str(path), device=device)
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=str(path), device=device
+    )
     model.eval()
-    return model, preprocess_val, open_clip.get_tokenizer(name)
+    return model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
