@@ -74,8 +74,10 @@ def random_task_vector(model: nn.Module, keys_filter, scale: float = 0.02, seed:
     """A random update of the parameters selected by `keys_filter`, relative in size to each parameter."""
     generator = torch.Generator().manual_seed(seed)
     vector = {}
+    first_name: dict[int, str] = {}  # a tied parameter (T5's shared / embed_tokens) moves once, as in a fine-tune
     for key, value in model.state_dict().items():
         if value.is_floating_point() and keys_filter(key):
             noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
-            vector[key] = scale * noise * value.abs().mean().clamp_min(1e-3)
+            first = first_name.setdefault(value.untyped_storage().data_ptr(), key)
+            vector[key] = vector[first].clone() if first != key else scale * noise * value.abs().mean().clamp_min(1e-3)
     return vector
