@@ -224,3 +224,13 @@ def test_budget_releases_each_groups_statistics_before_the_next_pass(monkeypatch
     assert derived  # q, k, v, attn out, c_proj out, proj:tokens
     assert len(accumulated) + len(derived) == len(plan.maps)  # every other point was accumulated, in some pass
     assert alive_at_pass_start == [0] * len(alive_at_pass_start)
+
+
+def test_a_budget_refuses_one_shot_calibration_iterators():
+    # with a budget the data is read several times: a generator would lose its probe batch silently
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    batches = [{"source": images, "target": images} for images in torch.randn(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(CalibrationError, match="one-shot generator"):
+        build_plan(source, target, (batch for batch in batches), memory_budget_bytes=256 * 1024, progress=False)
+    plan, _ = build_plan(source, target, batches, memory_budget_bytes=256 * 1024, progress=False)
+    assert plan.maps

@@ -210,6 +210,13 @@ def test_layer_map_interpolation_is_the_paper_rule():
     expanded = expand_state_dict(state, "blocks", LayerMap.interpolated(2, 4))
     assert [float(expanded[f"blocks.{i}.w"]) for i in range(4)] == [0.0, 1.0, 2.0, 2.0]
     assert float(expanded["head"]) == 5.0
+    # a task vector's missing key is a zero update of that block, not a block left out of the blend
+    update = {"blocks.0.w": torch.tensor([2.0])}
+    sparse = expand_state_dict(update, "blocks", LayerMap.interpolated(2, 4), reference_keys=state)
+    assert [float(sparse[f"blocks.{i}.w"]) for i in range(2)] == [2.0, 1.0] and "blocks.2.w" not in sparse
+    # a parameter only some blocks have (T5's relative attention bias) is blended over those blocks
+    only_first = {"blocks.0.bias": torch.tensor([4.0]), "blocks.0.w": torch.tensor([0.0]), "blocks.1.w": torch.tensor([2.0])}
+    assert float(expand_state_dict(only_first, "blocks", LayerMap.interpolated(2, 4))["blocks.1.bias"]) == 4.0
 
 
 def test_depth_expansion_transport():
@@ -221,6 +228,28 @@ def test_depth_expansion_transport():
     state = deep.state_dict()
     assert "transformer.resblocks.3.mlp.c_fc.weight" in result.task_vector
     assert all(result.task_vector[k].shape == state[k].shape for k in result.task_vector)
+    # leaving block 1's update out equals giving it an explicit zero update (it used to count double)
+    key = "transformer.resblocks.1.mlp.c_proj.weight"
+    omitted = {k: v for k, v in task_vector.items() if k != key}
+    zeroed = {**task_vector, key: torch.zeros_like(task_vector[key])}
+    without = transport(source, deep, omitted, pairs(2), layer_map="interpolate", progress=False).task_vector
+    with_zero = transport(source, deep, zeroed, pairs(2), layer_map="interpolate", progress=False).task_vector
+    assert all(torch.allclose(with_zero[k], without[k], atol=1e-7) for k in without)
+
+
+def test_a_shallower_target_needs_a_layer_map_and_reports_the_blocks_it_leaves_out():
+    source, shallow = tiny_vit(width=32, layers=4), tiny_vit(width=48, heads=6, layers=2, seed=1)
+    task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    with pytest.raises(DepthMismatchError, match="expands a shallower source"):
+        transport(source, shallow, task_vector, pairs(1), layer_map="interpolate", progress=False)
+    averaged = LayerMap((((0, 0.5), (1, 0.5)), ((2, 0.5), (3, 0.5))))
+    result = transport(source, shallow, task_vector, pairs(2), layer_map=averaged, progress=False)
+    assert not any(".resblocks." in key for key in result.report.skipped)  # every block is used
+    every_other = LayerMap((((0, 1.0),), ((2, 1.0),)))
+    result = transport(source, shallow, task_vector, pairs(2), layer_map=every_other, progress=False)
+    dropped = {key for key in task_vector if key.startswith(("transformer.resblocks.1.", "transformer.resblocks.3."))}
+    assert dropped and dropped <= set(result.report.skipped)
+    assert all("no target block" in result.report.skipped[key] for key in dropped)
 
 
 # ---- bad input: named errors, nothing written ------------------------------------------------

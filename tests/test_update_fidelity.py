@@ -64,3 +64,14 @@ def test_transport_reports_update_fidelity_even_from_a_one_shot_iterator(twin_tr
         reported = result.report.update_alignment[space]
         assert reported["cosine"] == pytest.approx(values["cosine"], nan_ok=True), space
     assert "update fidelity on held-out batches" in result.report.summary()
+
+
+def test_transport_with_held_out_data_leaves_the_models_modes_as_they_were(twin_transport):
+    source, twin, task_vector, calibration, _, held_out = twin_transport
+    source, twin = copy.deepcopy(source), copy.deepcopy(twin)
+    source.train()
+    twin.train()
+    twin.ln_post.eval()  # a mixed model: one part kept in eval mode by its owner
+    transport(source, twin, task_vector, calibration, held_out=held_out, progress=False)
+    assert all(module.training for module in source.modules())
+    assert not twin.ln_post.training and all(m.training for name, m in twin.named_modules() if name != "ln_post")

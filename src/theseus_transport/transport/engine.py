@@ -135,16 +135,17 @@ def _device_of(module: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def _frozen_eval(*modules: nn.Module):
-    # calibration uses the base models as they are at inference: eval mode, no autograd
-    modes = [module.training for module in modules]
+    # calibration uses the base models as they are at inference: eval mode, no autograd; every
+    # submodule's own mode is restored afterwards (a model may hold a frozen part in eval mode)
+    modes = [(submodule, submodule.training) for module in modules for submodule in module.modules()]
     try:
         for module in modules:
             module.eval()
         with torch.no_grad():
             yield
     finally:
-        for module, mode in zip(modules, modes):
-            module.train(mode)
+        for submodule, mode in modes:
+            submodule.training = mode
 
 
 def _batch_size(batch: Any) -> int:
@@ -294,6 +295,13 @@ def _statistics_groups(
     derivations = derivations or {}
     if memory_budget_bytes is None:
         return [list(spaces)]
+    if iter(calibration) is calibration:
+        # a generator or iterator would lose the probe batch here and be empty for a second group's pass
+        raise CalibrationError(
+            "with a memory budget the calibration data is read more than once (a probe batch, then a pass "
+            f"per group of capture points), but a one-shot {type(calibration).__name__} was given: pass a list "
+            "of batches or a DataLoader"
+        )
     first = next(iter(calibration), None)
     if first is None:
         raise CalibrationError("the calibration set is empty: at least one batch is needed")
@@ -561,6 +569,13 @@ def _resolve_depth(adapter: Any, source: nn.Module, target: nn.Module, layer_map
     if isinstance(layer_map, str):
         if layer_map != "interpolate":
             raise ValueError(f"unknown layer map {layer_map!r}; use 'interpolate' or a LayerMap")
+        if target_depth < source_depth:
+            raise DepthMismatchError(
+                f"layer_map='interpolate' expands a shallower source (paper Sec. 4.4), but the source has "
+                f"{source_depth} blocks and the target {target_depth}: it would drop the updates of the source "
+                "blocks it skips. Pass a LayerMap saying which source blocks each target block takes "
+                "(e.g. LayerMap(((0, 0.5), (1, 0.5)), ...) to average pairs)"
+            )
         layer_map = LayerMap.interpolated(source_depth, target_depth)
     if layer_map is None:
         if source_depth != target_depth:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .alignment import align_tokens
-from .engine import split_pair
+from .engine import _frozen_eval, split_pair
 
 
 def _activations(adapter: Any, encoder: nn.Module, spaces: set[str], batch: Any) -> dict[str, torch.Tensor]:
@@ -48,25 +48,24 @@ def measure_update_alignment(
     spaces = set(maps)
     # sums of <mapped source change, target change>, |mapped source change|^2, |target change|^2
     totals: dict[str, list[float]] = {}
-    for models in (source_base, source_updated, target_base, target_updated):
-        models.eval()
-    for item in held_out:
-        source_batch, target_batch = split_pair(item)
-        before = _activations(adapter, source_base, spaces, source_batch)
-        after = _activations(adapter, source_updated, spaces, source_batch)
-        source_change = {space: after[space] - before[space] for space in before if space in after}
-        before = _activations(adapter, target_base, spaces, target_batch)
-        after = _activations(adapter, target_updated, spaces, target_batch)
-        target_change = {space: after[space] - before[space] for space in before if space in after}
-        mask = adapter.token_mask(target_batch)
-        for space in sorted(spaces & source_change.keys() & target_change.keys()):
-            # token alignment is linear, so aligning the changes equals changing the aligned activations
-            source_rows, target_rows = align_tokens(source_change[space], target_change[space], token_alignment, mask)
-            mapped = source_rows @ maps[space].to(source_rows.device, torch.float64)
-            entry = totals.setdefault(space, [0.0, 0.0, 0.0])
-            entry[0] += float((mapped * target_rows).sum())
-            entry[1] += float(mapped.pow(2).sum())
-            entry[2] += float(target_rows.pow(2).sum())
+    with _frozen_eval(source_base, source_updated, target_base, target_updated):
+        for item in held_out:
+            source_batch, target_batch = split_pair(item)
+            before = _activations(adapter, source_base, spaces, source_batch)
+            after = _activations(adapter, source_updated, spaces, source_batch)
+            source_change = {space: after[space] - before[space] for space in before if space in after}
+            before = _activations(adapter, target_base, spaces, target_batch)
+            after = _activations(adapter, target_updated, spaces, target_batch)
+            target_change = {space: after[space] - before[space] for space in before if space in after}
+            mask = adapter.token_mask(target_batch)
+            for space in sorted(spaces & source_change.keys() & target_change.keys()):
+                # token alignment is linear, so aligning the changes equals changing the aligned activations
+                source_rows, target_rows = align_tokens(source_change[space], target_change[space], token_alignment, mask)
+                mapped = source_rows @ maps[space].to(source_rows.device, torch.float64)
+                entry = totals.setdefault(space, [0.0, 0.0, 0.0])
+                entry[0] += float((mapped * target_rows).sum())
+                entry[1] += float(mapped.pow(2).sum())
+                entry[2] += float(target_rows.pow(2).sum())
     result = {}
     for space, (inner, mapped_sq, target_sq) in sorted(totals.items()):
         # undefined where a change is zero: the cosine has no direction, the ratio no denominator

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -70,9 +70,16 @@ def _block_pattern(prefix: str) -> re.Pattern:
 
 
 def expand_state_dict(
-    state: Mapping[str, torch.Tensor], block_prefix: str, layer_map: LayerMap
+    state: Mapping[str, torch.Tensor], block_prefix: str, layer_map: LayerMap,
+    reference_keys: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Return a state dict (or task vector) whose blocks follow `layer_map`; other keys unchanged."""
+    """Return a state dict (or task vector) whose blocks follow `layer_map`; other keys unchanged.
+
+    A parameter that only some source blocks have (T5's relative attention bias, block 0 only) is
+    blended over the blocks that have it. For a task vector pass the source model's keys as
+    `reference_keys`: a key the model has but the vector lacks is then a zero update, weighted as
+    such, not a block left out of the blend.
+    """
     pattern = _block_pattern(block_prefix)
     per_block: dict[int, dict[str, torch.Tensor]] = {}
     expanded: dict[str, torch.Tensor] = {}
@@ -82,6 +89,7 @@ def expand_state_dict(
             per_block.setdefault(int(match.group(1)), {})[match.group(2)] = value
         else:
             expanded[key] = value
+    has_parameter = _block_names(reference_keys if reference_keys is not None else state, pattern)
     for target_index, combination in enumerate(layer_map.sources):
         names = set().union(*(per_block.get(source, {}).keys() for source, _ in combination))
         for name in sorted(names):
@@ -89,12 +97,29 @@ def expand_state_dict(
             if not parts[0][0].is_floating_point():
                 expanded[f"{block_prefix}.{target_index}.{name}"] = parts[0][0].clone()
                 continue
-            # blend in float64 so an exact copy (weight 1) stays bitwise equal after the cast back
-            # (a parameter missing from some source blocks is blended over the blocks that have it)
-            weight_sum = sum(weight for _, weight in parts)
+            # blend in float64 so an exact copy (weight 1) stays bitwise equal after the cast back;
+            # the weights are renormalised over the blocks that have the parameter at all
+            weight_sum = sum(weight for source, weight in combination if name in has_parameter.get(source, ()))
             total = sum(tensor.to(torch.float64) * (weight / weight_sum) for tensor, weight in parts)
             expanded[f"{block_prefix}.{target_index}.{name}"] = total.to(parts[0][0].dtype)
     return expanded
+
+
+def _block_names(keys: Collection[str], pattern: re.Pattern) -> dict[int, set[str]]:
+    """For each block index, the parameter names (after the block prefix) among `keys`."""
+    names: dict[int, set[str]] = {}
+    for key in keys:
+        match = pattern.match(key)
+        if match:
+            names.setdefault(int(match.group(1)), set()).add(match.group(2))
+    return names
+
+
+def unmapped_block_keys(keys: Collection[str], block_prefix: str, layer_map: LayerMap) -> list[str]:
+    """The keys of source blocks that no target block of `layer_map` takes anything from."""
+    pattern = _block_pattern(block_prefix)
+    used = {source for combination in layer_map.sources for source, _ in combination}
+    return sorted(key for key in keys if (match := pattern.match(key)) and int(match.group(1)) not in used)
 
 
 def expand_module(encoder: nn.Module, blocks: nn.ModuleList, block_prefix: str, layer_map: LayerMap) -> nn.Module:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .errors import CorruptFileError, FamilyMismatchError, HashMismatchError, ShapeMismatchError, TaskVectorKeyError
-from .layermap import LayerMap, expand_state_dict
+from .layermap import LayerMap, expand_state_dict, unmapped_block_keys
 from .io import load_tensors, save_task_vector, sidecar_path, tensors_sha256
 from .methods import get_method
 from .rule import ParamRule, Piece
@@ -70,7 +70,8 @@ class TransportPlan:
         """Return the task vector expanded to the target's depth (unchanged without a layer map)."""
         if self.layer_map is None:
             return task_vector
-        return expand_state_dict(task_vector, self.block_prefix, self.layer_map)
+        reference = self.original_source_shapes or self.source_shapes
+        return expand_state_dict(task_vector, self.block_prefix, self.layer_map, reference_keys=reference)
 
     def validate(self, task_vector: Mapping[str, torch.Tensor], family: str | None = None) -> None:
         """Raise a named error if a task vector does not fit this plan's source model."""
@@ -96,12 +97,16 @@ class TransportPlan:
     ) -> tuple[dict[str, torch.Tensor], list[KeyReport], dict[str, str]]:
         """Transport a source task vector; return the target task vector, per-key norms and skipped keys."""
         self.validate(task_vector, family)
+        skipped: dict[str, str] = {}
+        if self.layer_map is not None:
+            # a layer map may leave source blocks out (a shallower target): their updates are not carried
+            for key in unmapped_block_keys(task_vector, self.block_prefix, self.layer_map):
+                skipped[key] = "its source block is in no target block of the layer map"
         task_vector = self.expand(task_vector)
         method = get_method(self.method)
         maps = {name: value.to(torch.float64) for name, value in self.maps.items()}
         transported: dict[str, torch.Tensor] = {}
         norms: list[KeyReport] = []
-        skipped: dict[str, str] = {}
         for key in sorted(task_vector):
             rule = self.rules.get(key, ParamRule(skip_reason="no transport rule for this parameter"))
             if rule.skipped:
