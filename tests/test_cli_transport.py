@@ -53,3 +53,9 @@ def test_transport_cli_writes_vector_sidecar_report_and_refuses_overwrite(tmp_pa
     assert main(args) == 1  # exists: refused, untouched
     assert "OutputExistsError" in capsys.readouterr().err
     assert output.read_bytes() == before
+    # names that would collide are refused before any work, with a one-line message
+    for extra in (["--output", str(tmp_path / "out" / "tv.rte")],
+                  ["--output", str(tmp_path / "x.safetensors"), "--plan-out", str(tmp_path / "x.report.safetensors")]):
+        assert main([*args[:-3], *extra, "--no-progress"]) == 1
+        assert "OutputPathError" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "out" / "tv.json").exists()

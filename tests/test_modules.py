@@ -28,7 +28,13 @@ from theseus_transport.modules import (
     warmup_cosine_factor,
 )
 from theseus_transport.transport import apply_task_vector
-from theseus_transport.transport.errors import OfflineError, OutputExistsError, TaskVectorKeyError
+from theseus_transport.transport.errors import (
+    NonFiniteError,
+    OfflineError,
+    OutputExistsError,
+    OutputPathError,
+    TaskVectorKeyError,
+)
 from theseus_transport.transport.io import load_task_vector
 # one_torch_thread is an autouse fixture: importing it is what applies it to this module
 from tiny_clip import image_split, one_torch_thread, register_tiny_openclip  # noqa: F401
@@ -294,3 +300,24 @@ def test_existing_task_vector_output_is_refused_before_training(tmp_path):
     with pytest.raises(OutputExistsError, match="overwrite"):
         trainer.fit(module, datamodule=_text_data())
     assert trainer.global_step == 0 and out.read_bytes() == b"not ours"
+    named_badly = TextClassifier("t5-tiny-offline", num_classes=2, warmup_steps=0, task_vector_out=str(tmp_path / "t5.rte"))
+    trainer = _trainer(3)
+    with pytest.raises(OutputPathError, match="safetensors"):
+        trainer.fit(named_badly, datamodule=_text_data())
+    assert trainer.global_step == 0
+
+
+class Diverge(L.Callback):
+    """Puts a NaN into the encoder after the first step, as a diverged fine-tune would have."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            next(pl_module.encoder.parameters()).view(-1)[0] = float("nan")
+
+
+def test_a_diverged_fine_tune_writes_no_task_vector(tmp_path):
+    out = tmp_path / "t5.safetensors"
+    module = TextClassifier("t5-tiny-offline", num_classes=2, warmup_steps=0, task_vector_out=str(out))
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        _trainer(2, callbacks=[Diverge()]).fit(module, datamodule=_text_data())
+    assert not out.exists() and not out.with_suffix(".json").exists()

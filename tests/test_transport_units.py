@@ -17,7 +17,9 @@ from theseus_transport.transport import (
     DepthMismatchError,
     FamilyMismatchError,
     HashMismatchError,
+    NonFiniteError,
     OutputExistsError,
+    OutputPathError,
     ShapeMismatchError,
     TaskVectorKeyError,
     align_tokens,
@@ -312,6 +314,17 @@ def test_existing_output_is_never_overwritten(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tv.json", "tv.safetensors"]  # no temporary left
     save_task_vector(path, {"a": torch.zeros(2)}, {}, overwrite=True)
     assert torch.equal(load_task_vector(path)[0]["a"], torch.zeros(2))
+
+
+
+def test_outputs_not_named_safetensors_and_non_finite_vectors_are_refused(tmp_path):
+    # `run.json` would be overwritten by its own sidecar; `run.rte` and `run.mnli` would share `run.json`
+    for name in ("run.json", "run.rte", "run"):
+        with pytest.raises(OutputPathError, match="<name>.safetensors"):
+            save_task_vector(tmp_path / name, {"a": torch.ones(2)}, {}, overwrite=True)
+    with pytest.raises(NonFiniteError, match=r"1 of 2 tensors \(e.g. \['b'\]\)"):
+        save_task_vector(tmp_path / "tv.safetensors", {"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}, {})
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_apply_task_vector_checks_keys_and_shapes():

@@ -109,12 +109,21 @@ def transport_main(options: argparse.Namespace) -> int:
     """Transport a task vector between two base models and write vector, sidecar and report JSON."""
     from .families import load_base_encoder
     from .transport import load_task_vector, save_task_vector, transport
-    from .transport.io import check_writable, sidecar_path, write_json
+    from .transport.errors import OutputPathError
+    from .transport.io import check_tensor_path, check_writable, sidecar_path, write_json
 
-    output = Path(options.output)
+    # refuse before any work is done: names that are not *.safetensors, outputs that would overwrite one
+    # another, and existing files (unless --overwrite)
+    output = check_tensor_path(options.output)
     report_path = output.with_suffix(".report.json")
-    outputs = [output, sidecar_path(output), report_path] + ([Path(options.plan_out)] if options.plan_out else [])
-    check_writable(*outputs, overwrite=options.overwrite)  # refuse before any work is done
+    outputs = [output, sidecar_path(output), report_path]
+    if options.plan_out:
+        plan_out = check_tensor_path(options.plan_out)
+        outputs += [plan_out, sidecar_path(plan_out)]
+    clashing = sorted({str(path) for path in outputs if [p.resolve() for p in outputs].count(path.resolve()) > 1})
+    if clashing:
+        raise OutputPathError(f"--output and --plan-out would write the same file(s) {clashing}; choose other names")
+    check_writable(*outputs, overwrite=options.overwrite)
     task_vector, info = load_task_vector(options.task_vector)
     source = load_base_encoder(options.family, options.source_model, options.source_pretrained, options.device)
     target = load_base_encoder(options.family, options.target_model, options.target_pretrained, options.device)

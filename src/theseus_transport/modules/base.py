@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..transport.io import check_writable, sidecar_path
+from ..transport.io import check_tensor_path, check_writable, sidecar_path
 from .schedule import warmup_cosine_scheduler
 from .task_vector import snapshot_state, task_vector_from, write_task_vector
 
@@ -192,7 +192,7 @@ class EncoderClassifier(L.LightningModule):
         self.train()
         path = self.resolved_task_vector_out()
         if path is not None and self.trainer.is_global_zero:
-            check_writable(path, sidecar_path(path), overwrite=self.overwrite)
+            check_writable(check_tensor_path(path), sidecar_path(path), overwrite=self.overwrite)
 
     def on_fit_end(self) -> None:
         """Write the encoder task vector (rank zero only) when task_vector_out is set."""

@@ -45,3 +45,11 @@ class OfflineError(TheseusError):
 
 class RunLogError(TheseusError, ValueError):
     """Training runs' logs lack a metric or cannot be compared as asked."""
+
+
+class OutputPathError(TheseusError, ValueError):
+    """An output path the suite cannot write to safely (e.g. a tensor file not named *.safetensors)."""
+
+
+class NonFiniteError(TheseusError, ValueError):
+    """Tensors to be written or used contain NaN or Inf (e.g. a diverged fine-tune)."""

@@ -14,14 +14,38 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CorruptFileError, HashMismatchError, OutputExistsError
+from .errors import CorruptFileError, HashMismatchError, NonFiniteError, OutputExistsError, OutputPathError
 
 SIDECAR_FORMAT = "theseus-task-vector/1"
+TENSOR_SUFFIX = ".safetensors"
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
     """Return the JSON sidecar path that belongs to a safetensors file."""
     return Path(path).with_suffix(".json")
+
+
+def check_tensor_path(path: str | os.PathLike) -> Path:
+    """Refuse a tensor output not named `<name>.safetensors` (its sidecar is `<name>.json`)."""
+    path = Path(path)
+    if path.suffix != TENSOR_SUFFIX:
+        # any other suffix is replaced by the sidecar's: `run.rte` and `run.mnli` would share `run.json`,
+        # and `run.json` would be overwritten by its own sidecar
+        raise OutputPathError(
+            f"{path}: tensor files are written as <name>{TENSOR_SUFFIX} with the sidecar <name>.json beside "
+            f"them; name it {path.with_name(path.name + TENSOR_SUFFIX).name!r} or similar"
+        )
+    return path
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str = "task vector") -> None:
+    """Raise NonFiniteError naming the keys whose values include NaN or Inf."""
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise NonFiniteError(
+            f"the {what} has NaN or Inf in {len(bad)} of {len(tensors)} tensors (e.g. {bad[:3]}); a diverged "
+            "fine-tune? Nothing was written"
+        )
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -79,10 +103,11 @@ def save_task_vector(
     overwrite: bool = False,
 ) -> Path:
     """Save a task vector as safetensors with a JSON sidecar (family, model, task, dtype, count, sha256)."""
-    path = Path(path)
+    path = check_tensor_path(path)
     sidecar = sidecar_path(path)
     check_writable(path, sidecar, overwrite=overwrite)
     clean = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    check_finite(clean)
     dtypes = sorted({str(value.dtype).replace("torch.", "") for value in clean.values()})
     info: dict[str, Any] = dict(metadata or {})
     info.setdefault("format", SIDECAR_FORMAT)
