@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,10 @@ class TheseusCallback(Callback):
     parameters are still whole; a resume then recomputes it and the restore overwrites it.
 
     Evaluation: with ``apply_on_eval=True`` ``validate`` / ``test`` / ``predict`` apply it too (zero-shot
-    evaluation of target + transported update), unless this callback already applied it.
+    evaluation of target + transported update), unless this callback already applied it to this module.
+    An encoder that no longer equals its pretrained snapshot (a trained model, e.g. from
+    ``load_from_checkpoint``) gets nothing, with a warning: the maps and the update belong to the
+    pretrained target. One callback may serve several fits: each new module gets the update.
 
     Under DDP each rank computes statistics on its shard of the calibration batches; they are summed
     across ranks before the SVDs, so every rank derives the same maps and ends with the same weights.
@@ -86,6 +90,10 @@ class TheseusCallback(Callback):
         self.state: dict[str, Any] = {"applied": False}
         self.report: Any = None
         self.transported: dict[str, torch.Tensor] | None = None
+        # which module holds the update: one restored from a checkpoint with this state, or the one it was
+        # applied to in this process (a callback reused for another module must apply it again)
+        self._restored = False
+        self._applied_to: weakref.ReferenceType | None = None
 
     @property
     def state_key(self) -> str:
@@ -99,11 +107,41 @@ class TheseusCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what was applied, so a resumed fit does not apply it again."""
         self.state = dict(state_dict)
+        self._restored = bool(self.state.get("applied"))
+
+    def _holds_update(self, pl_module: L.LightningModule) -> bool:
+        """Whether `pl_module` already has the update: restored with this state, or applied to it here."""
+        if not self.state.get("applied"):
+            return False
+        if self._restored or (self._applied_to is not None and self._applied_to() is pl_module):
+            self._restored, self._applied_to = False, weakref.ref(pl_module)
+            return True
+        # the state is from an earlier fit of another module (a callback reused across runs): start afresh
+        log.info("TheseusCallback: applied to another module before; transporting for this one")
+        self.state = {"applied": False}
+        return False
+
+    def _pretrained_encoder(self, pl_module: L.LightningModule) -> bool:
+        """False (with a warning) when the encoder is no longer its pretrained snapshot: a trained model."""
+        base = getattr(pl_module, "base_state", None)
+        if not base:
+            return True  # a module without a pretrained snapshot: nothing to compare with
+        current = pl_module.encoder.state_dict()
+        # compared in the module's own precision: a "16-true" / "bf16-true" run has cast its weights already
+        if all(torch.equal(current[key].detach(), value.to(current[key].device, current[key].dtype))
+               for key, value in base.items() if key in current):
+            return True
+        rank_zero_warn(
+            f"TheseusCallback: the encoder differs from its pretrained weights (a trained or loaded checkpoint?); "
+            f"the transported update of {self.task_vector_path} is not applied on top of it"
+        )
+        return False
 
     # ----- when ---------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Sharding strategies only: transport now, while the parameters are still whole."""
-        if stage == "fit" and trainer.strategy.restore_checkpoint_after_setup and not self.state.get("applied"):
+        if (stage == "fit" and trainer.strategy.restore_checkpoint_after_setup and not self._holds_update(pl_module)
+                and self._pretrained_encoder(pl_module)):
             rank_zero_warn(
                 f"TheseusCallback: {type(trainer.strategy).__name__} restores checkpoints after setup, so the "
                 "transport runs in setup; a resumed fit recomputes it and the checkpoint's weights replace it"
@@ -112,7 +150,7 @@ class TheseusCallback(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Transport and apply once; a resumed fit (restored state) applies nothing."""
-        if self.state.get("applied"):
+        if self._holds_update(pl_module):
             log.info("TheseusCallback: already applied (%s); not transporting again", self.state.get("task_vector"))
             return
         if trainer.ckpt_path is not None:
@@ -122,10 +160,12 @@ class TheseusCallback(Callback):
                 "the transported update is not applied to a partly trained model"
             )
             return
-        self._transport_and_apply(trainer, pl_module)
+        if self._pretrained_encoder(pl_module):
+            self._transport_and_apply(trainer, pl_module)
 
     def _on_eval_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.apply_on_eval and trainer.state.fn in EVAL_FNS and not self.state.get("applied"):
+        if (self.apply_on_eval and trainer.state.fn in EVAL_FNS and not self._holds_update(pl_module)
+                and self._pretrained_encoder(pl_module)):
             # evaluation loops run under inference mode; parameters must stay normal tensors
             with torch.inference_mode(False):
                 self._transport_and_apply(trainer, pl_module)
@@ -203,6 +243,7 @@ class TheseusCallback(Callback):
         del source
         self.transported = result.task_vector
         self.report = result.report
+        self._restored, self._applied_to = False, weakref.ref(pl_module)
         tokens = result.plan.metadata["calibration_tokens"]
         self.state = {
             "applied": True,

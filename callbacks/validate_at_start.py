@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -25,14 +27,37 @@ class ValidateAtStart(Callback):
             return  # resumed runs already have their curve
         was_training = pl_module.training
         pl_module.eval()
+        loader = trainer.datamodule.val_dataloader()
+        # the same batches and the same loss as the validation loop, so step 0 sits on the curve
+        batches = _batch_limit(trainer.limit_val_batches, len(loader))
         total_loss, correct, count = 0.0, 0, 0
-        for images, labels in trainer.datamodule.val_dataloader():
-            images, labels = images.to(pl_module.device), labels.to(pl_module.device)
-            logits = pl_module(images)
-            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            count += len(labels)
+        for index, batch in enumerate(loader):
+            if index >= batches:
+                break
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            loss, right = _evaluate(pl_module, batch)
+            total_loss += float(loss) * len(right)
+            correct += int(right.sum())
+            count += len(right)
         pl_module.train(was_training)
         if count and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({self.loss_tag: total_loss / count, self.accuracy_tag: correct / count}, step=0)
+
+
+def _batch_limit(limit: int | float | None, available: int) -> int:
+    """How many validation batches Lightning's limit_val_batches lets through."""
+    if limit is None:
+        return available
+    if isinstance(limit, float):
+        return available if limit >= 1.0 else int(available * limit)
+    return min(int(limit), available)
+
+
+def _evaluate(pl_module: L.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, per-example correctness): the suite's modules say how; others get (inputs, labels) batches."""
+    if hasattr(pl_module, "evaluate_batch"):
+        return pl_module.evaluate_batch(batch)
+    inputs, labels = batch
+    logits = pl_module(inputs)
+    return F.cross_entropy(logits, labels), logits.argmax(-1) == labels

@@ -217,6 +217,27 @@ def test_resume_from_a_checkpoint_without_theseus_state_applies_nothing(tmp_path
     _assert_close_states(probe.at_train_start, snapshot_state(plain.encoder), atol=0)
 
 
+def test_one_callback_serves_several_fits_and_never_updates_a_trained_model_twice(tmp_path):
+    theseus = TheseusCallback(t5_task_vector(tmp_path), source_model=T5_SOURCE, apply_on_eval=True)
+    moved = []
+    for _ in range(2):  # e.g. a loop over seeds sharing one callbacks list
+        module = _text_module(lr=0.0)
+        base = snapshot_state(module.encoder)
+        _trainer(tmp_path, callbacks=[theseus], max_steps=1).fit(module, datamodule=text_data())
+        moved.append(_moved(snapshot_state(module.encoder), base))
+    assert moved[0] > 1e-3 and moved[1] == pytest.approx(moved[0])  # the second module got it too
+    # evaluating that module again: it holds the update already, nothing more is added
+    warm = snapshot_state(module.encoder)
+    _trainer(tmp_path, callbacks=[theseus], limit_val_batches=1).validate(module, datamodule=text_data(), verbose=False)
+    _assert_close_states(snapshot_state(module.encoder), warm, atol=0)
+    # a trained model handed to a fresh callback (as after load_from_checkpoint): warned, left as it is
+    fresh = TheseusCallback(theseus.task_vector_path, source_model=T5_SOURCE, apply_on_eval=True)
+    with pytest.warns(UserWarning, match="differs from its pretrained weights"):
+        _trainer(tmp_path, callbacks=[fresh]).test(module, datamodule=text_data(), verbose=False)
+    _assert_close_states(snapshot_state(module.encoder), warm, atol=0)
+    assert not fresh.state["applied"]
+
+
 # ----- 3. DDP ---------------------------------------------------------------------------------------------------
 
 

@@ -11,11 +11,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import datasets
 import lightning as L
+from lightning.pytorch.loggers import Logger
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from theseus_transport.callbacks import ValidateAtStart
 from theseus_transport.data import ImageClassificationDataModule, TextPairDataModule
 from theseus_transport.modules import (
     NearDuplicateClassesWarning,
@@ -321,3 +323,47 @@ def test_a_diverged_fine_tune_writes_no_task_vector(tmp_path):
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         _trainer(2, callbacks=[Diverge()]).fit(module, datamodule=_text_data())
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+# ----- ValidateAtStart ---------------------------------------------------------------------------------------
+
+
+class RecordingLogger(Logger):
+    """Keeps what was logged, in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_validate_at_start_logs_what_the_validation_loop_would_at_step_zero():
+    # a text module (dict batches), label smoothing and a batch limit: step 0 must be the loop's own measurement
+    L.seed_everything(5)
+    module = TextClassifier("t5-tiny-offline", num_classes=2, label_smoothing=0.3)
+    data = text_data(max_length=48, batch_size=8)
+    expected = _trainer(1, validate=True)
+    expected.limit_val_batches = 1
+    reference = expected.validate(module, datamodule=data, verbose=False)[0]
+    logger = RecordingLogger()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=logger, limit_val_batches=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[ValidateAtStart()])
+    trainer.fit(module, datamodule=data)
+    step, metrics = next((step, metrics) for step, metrics in logger.logged if "val/loss" in metrics)
+    assert step == 0
+    assert metrics["val/loss"] == pytest.approx(reference["val/loss"], rel=1e-5)
+    assert metrics["val/acc"] == pytest.approx(reference["val/acc"])

@@ -102,6 +102,11 @@ class EncoderClassifier(L.LightningModule):
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
+    def evaluate_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean loss (the training objective) and the per-example correctness of one batch."""
+        logits, labels = self._logits_and_labels(batch)
+        return self._loss(logits, labels), logits.argmax(-1) == labels
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Cross-entropy step; logs train/loss and train/acc every step."""
         logits, labels = self._logits_and_labels(batch)
