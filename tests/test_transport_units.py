@@ -202,6 +202,11 @@ def test_alpha_scales_the_update():
     one = transport(source, target, task_vector, pairs(2), progress=False).task_vector
     half = transport(source, target, task_vector, pairs(2), alpha=0.5, progress=False).task_vector
     assert all(torch.allclose(half[k], 0.5 * one[k], atol=1e-7) for k in one)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alpha must be a finite number"):
+            transport(source, target, task_vector, pairs(2), alpha=bad, progress=False)
+        with pytest.raises(ValueError, match="alpha must be a finite number"):
+            apply_task_vector(copy.deepcopy(target), one, alpha=bad)
 
 
 def test_layer_map_interpolation_is_the_paper_rule():

@@ -91,6 +91,8 @@ def apply_task_vector(encoder: nn.Module, task_vector: Mapping[str, torch.Tensor
     A parameter tied under several names (T5's `shared.weight` and `encoder.embed_tokens.weight`) is
     updated once; the task vector must then give every one of its names the same update.
     """
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha}")
     state = encoder.state_dict()
     for key, delta in task_vector.items():
         if key not in state:
@@ -852,6 +854,8 @@ def transport(
     """
     if (task_vector is None) == (source_finetuned is None):
         raise ValueError("pass exactly one of task_vector and source_finetuned")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha}")  # before any statistics are collected
     plan, context = build_plan(
         source_base, target_base, calibration, family=family, method=method, map_mode=map_mode, center=center,
         embeddings=transport_embeddings, attention=attention_maps, token_alignment=token_alignment, layer_map=layer_map, rank_rtol=rank_rtol, ridge=ridge, seed=seed,
