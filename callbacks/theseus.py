@@ -114,12 +114,28 @@ class TheseusCallback(Callback):
         if not self.state.get("applied"):
             return False
         if self._restored or (self._applied_to is not None and self._applied_to() is pl_module):
+            if self._restored:
+                self._warn_if_settings_changed()
             self._restored, self._applied_to = False, weakref.ref(pl_module)
             return True
         # the state is from an earlier fit of another module (a callback reused across runs): start afresh
         log.info("TheseusCallback: applied to another module before; transporting for this one")
         self.state = {"applied": False}
         return False
+
+    def _warn_if_settings_changed(self) -> None:
+        """A restored run keeps the update it was made with; say so when the settings now ask for another."""
+        wanted = {"source_model": self.source_model, "method": self.method, "map_mode": self.map_mode,
+                  "alpha": self.alpha, "transport_embeddings": self.transport_embeddings,
+                  "attention_maps": self.attention_maps}
+        changed = {key: (self.state.get(key), value) for key, value in wanted.items()
+                   if key in self.state and self.state[key] != value}
+        if changed:
+            described = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            rank_zero_warn(
+                f"TheseusCallback: the checkpoint holds the update made with other settings ({described}); it is "
+                "kept as it is, not transported again (start a new run to use the new settings)"
+            )
 
     def _pretrained_encoder(self, pl_module: L.LightningModule) -> bool:
         """False (with a warning) when the encoder is no longer its pretrained snapshot: a trained model."""

@@ -198,6 +198,12 @@ def test_resume_keeps_the_checkpoint_and_never_transports_again(tmp_path, monkey
     assert probe.theseus_state["method"] == "theseus" and probe.theseus_state["alpha"] == 0.5
     assert probe.theseus_state["calibration_batches_per_rank"] == 2
     assert trainer.global_step == 8
+    # resumed with another alpha: the checkpoint's update stays, and the run says so
+    other_alpha = TheseusCallback(vector_path, source_model=T5_SOURCE, alpha=0.7)
+    with pytest.warns(UserWarning, match="alpha 0.5 -> 0.7"):
+        _trainer(tmp_path, callbacks=[other_alpha], max_epochs=2).fit(
+            _text_module(), datamodule=text_data(calibration_batches=2), ckpt_path=str(first_epoch))
+    assert calls == [1] and other_alpha.state["alpha"] == 0.5
     _assert_close_states(snapshot_state(resumed_module.encoder), snapshot_state(full_module.encoder), atol=1e-7)
     torch.testing.assert_close(resumed_module.head.weight, full_module.head.weight, atol=1e-7, rtol=0)
 
