@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from theseus_transport.cli import main
@@ -59,3 +60,18 @@ def test_transport_cli_writes_vector_sidecar_report_and_refuses_overwrite(tmp_pa
         assert main([*args[:-3], *extra, "--no-progress"]) == 1
         assert "OutputPathError" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "out" / "tv.json").exists()
+    # the input task vector is never an output, not even with --overwrite
+    source_bytes = source_path.read_bytes()
+    assert main([*args[:-3], "--output", str(source_path), "--overwrite", "--no-progress"]) == 1
+    assert "input task vector" in capsys.readouterr().err and source_path.read_bytes() == source_bytes
+    # a directory in the way is refused before any work, and the earlier outputs stay as they were
+    (tmp_path / "out" / "plan.safetensors").mkdir()
+    assert main([*args, "--overwrite", "--plan-out", str(tmp_path / "out" / "plan.safetensors")]) == 1
+    assert "is a directory" in capsys.readouterr().err and output.read_bytes() == before
+    # unknown names and impossible numbers: one line, before any model is loaded
+    assert main([*args[:-3], "--output", str(tmp_path / "m.safetensors"), "--method", "nope", "--no-progress"]) == 1
+    assert "UnknownNameError: unknown transport method 'nope'" in capsys.readouterr().err
+    for flag, value in (("--alpha", "nan"), ("--calibration-batches", "0"), ("--memory-budget-mb", "-5")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, flag, value])
+        assert exit_info.value.code == 2 and "must be" in capsys.readouterr().err

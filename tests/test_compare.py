@@ -22,9 +22,10 @@ from PIL import Image
 
 from theseus_transport.callbacks import StepsToTarget, TheseusCallback
 from theseus_transport.cli import main
-from theseus_transport.compare import compare_groups, compare_runs, mean_series, read_scalars, steps_to_target
+from theseus_transport.compare import (compare_groups, compare_runs, mean_series, read_scalars, steps_to_target,
+                                        unique_labels)
 from theseus_transport.modules import TextClassifier
-from theseus_transport.transport.errors import OutputExistsError, RunLogError
+from theseus_transport.transport.errors import OutputExistsError, OutputPathError, RunLogError
 from tiny_tasks import T5_SOURCE, T5_TARGET, t5_task_vector, text_data
 
 TARGET = 0.75
@@ -175,3 +176,123 @@ def test_compare_cli_groups(runs, tmp_path, capsys):
     assert main(["compare", "--group", "warm", folders[0], "--out", str(tmp_path / "d.png"), "--monitor", "val/nothing"]) == 1
     assert "RunLogError" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("a.png", "b.png", "c.png", "d.png"))
+
+
+def _write_run(folder, scalars: dict[str, list[tuple[int, float]]]) -> str:
+    """Write one TensorBoard event file under `folder` holding these tag -> [(step, value)] series."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder))
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    return str(folder)
+
+
+def _losses(*values: float) -> dict[str, list[tuple[int, float]]]:
+    points = [(10 * (index + 1), value) for index, value in enumerate(values)]
+    return {"val/loss": points, "train/loss": points, "val/acc": [(step, 1.0 - value) for step, value in points]}
+
+
+def test_compare_out_resolves_the_real_file_before_reading_logs(tmp_path, monkeypatch, capsys):
+    run = _write_run(tmp_path / "runs" / "a", _losses(1.0, 0.5))
+    kept = tmp_path / "noext.png"
+    kept.write_bytes(b"keep me")
+    # no suffix: matplotlib writes noext.png, so that is the file that must not be overwritten
+    with pytest.raises(OutputExistsError, match="noext.png"):
+        compare_runs([run], tmp_path / "noext")
+    assert main(["compare", run, "--out", str(tmp_path / "noext")]) == 1
+    assert "OutputExistsError" in capsys.readouterr().err and kept.read_bytes() == b"keep me"
+    compare_runs([run], tmp_path / "fresh")
+    assert (tmp_path / "fresh.png").stat().st_size > 0 and not (tmp_path / "fresh").exists()
+
+    # a suffix matplotlib cannot write, or a directory, is refused before any log is read
+    def no_reading(run):
+        raise AssertionError("logs read before the output path was checked")
+
+    monkeypatch.setattr("theseus_transport.compare.read_scalars", no_reading)
+    (tmp_path / "plots.png").mkdir()
+    for out in (tmp_path / "x.xyz", tmp_path / "plots.png", tmp_path):
+        with pytest.raises(OutputPathError):
+            compare_runs([run], out, overwrite=True)
+        with pytest.raises(OutputPathError):
+            compare_groups({"a": [run]}, out, overwrite=True)
+    assert main(["compare", run, "--out", str(tmp_path / "x.xyz")]) == 1
+    err = capsys.readouterr().err
+    assert "OutputPathError" in err and ".xyz" in err and "Traceback" not in err
+    assert not (tmp_path / "x.xyz").exists()
+
+
+def test_compare_a_metric_to_minimise(tmp_path, capsys):
+    fast = _write_run(tmp_path / "fast", _losses(1.0, 0.6, 0.4, 0.3))
+    slow = _write_run(tmp_path / "slow", _losses(1.0, 0.8, 0.5, 0.45))
+    summary = compare_runs([fast, slow], tmp_path / "loss.png", monitor="val/loss")
+    # default for a loss: minimise, target 1.1 x the lowest final value
+    assert summary["mode"] == "min" and summary["target"] == pytest.approx(1.1 * 0.3)
+    assert summary["runs"][fast]["steps_to_target"] == 40 and summary["runs"][slow]["steps_to_target"] is None
+    summary = compare_runs([fast, slow], tmp_path / "loss2.png", monitor="val/loss", target=0.5)
+    assert [summary["runs"][run]["steps_to_target"] for run in (fast, slow)] == [30, 30]
+    # an accuracy keeps the old default: maximise, target 0.9 x the highest final value
+    summary = compare_runs([fast, slow], tmp_path / "acc.png", monitor="val/acc")
+    assert summary["mode"] == "max" and summary["target"] == pytest.approx(0.9 * 0.7)
+    groups = compare_groups({"fast": [fast], "slow": [slow]}, tmp_path / "g.png", monitor="val/loss", target_from="slow")
+    assert groups["mode"] == "min" and groups["target"] == pytest.approx(0.45)
+    assert groups["runs"]["fast"]["steps_to_target"] == 30 and groups["runs"]["slow"]["steps_to_target"] == 40
+    with pytest.raises(RunLogError, match="mode"):
+        compare_runs([fast], tmp_path / "bad.png", monitor="val/loss", mode="lowest")
+
+    assert main(["compare", fast, slow, "--out", str(tmp_path / "cli.png"), "--monitor", "val/loss"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mode"] == "min" and printed["runs"][fast]["steps_to_target"] == 40
+    assert main(["compare", fast, slow, "--out", str(tmp_path / "cli_max.png"), "--monitor", "val/loss",
+                 "--mode", "max", "--target", "0.9"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mode"] == "max" and printed["runs"][fast]["steps_to_target"] == 10
+    with pytest.raises(SystemExit):
+        main(["compare", fast, "--out", str(tmp_path / "x.png"), "--mode", "lowest"])
+
+
+def test_read_scalars_refuses_a_folder_holding_several_runs(tmp_path):
+    run = tmp_path / "eurosat"
+    _write_run(run / "version_2", _losses(0.9, 0.8))
+    _write_run(run / "version_10", _losses(0.5, 0.2))
+    # the runs are separate: merging them would let version_2 (sorted last as text) replace version_10
+    with pytest.raises(RunLogError, match=r"version_10.*version_2.*pass the one you mean"):
+        read_scalars(run)
+    with pytest.raises(RunLogError, match="version_"):
+        compare_runs([str(run)], tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
+    assert read_scalars(run / "version_10")["val/loss"] == [(10, 0.5), (20, pytest.approx(0.2))]
+
+    # one run resumed: two event files in one folder are read as one series, the later value winning
+    resumed = tmp_path / "resumed"
+    _write_run(resumed, {"val/loss": [(10, 0.9), (20, 0.8)]})
+    _write_run(resumed, {"val/loss": [(20, 0.7), (30, 0.6)]})
+    assert len(list(resumed.glob("events.out.tfevents.*"))) == 2
+    assert read_scalars(resumed)["val/loss"] == [(10, pytest.approx(0.9)), (20, pytest.approx(0.7)),
+                                                 (30, pytest.approx(0.6))]
+    # one run resumed into a new Lightning version folder: it starts later, and is read as the continuation
+    continued = tmp_path / "continued"
+    _write_run(continued / "version_0", {"val/loss": [(10, 0.9), (20, 0.8)]})
+    _write_run(continued / "version_1", {"val/loss": [(20, 0.7), (30, 0.6)]})
+    assert read_scalars(continued)["val/loss"] == [(10, pytest.approx(0.9)), (20, pytest.approx(0.7)),
+                                                   (30, pytest.approx(0.6))]
+
+
+def test_compare_labels_runs_by_the_shortest_unique_path_suffix(tmp_path, monkeypatch):
+    runs = [_write_run(tmp_path / "t1" / "eurosat", _losses(1.0, 0.5)),
+            _write_run(tmp_path / "t2" / "eurosat", _losses(1.0, 0.4)),
+            _write_run(tmp_path / "t1" / "mnist", _losses(1.0, 0.3))]
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    summary = compare_runs(runs, tmp_path / "labels.png", monitor="val/loss")
+    labels = [summary["runs"][run]["label"] for run in runs]
+    assert labels == ["t1/eurosat", "t2/eurosat", "mnist"]
+    (figure,) = figures
+    legend = [line.get_label() for line in figure.axes[1].get_lines() if not line.get_label().startswith("_")]
+    assert [text.split(" (target")[0] for text in legend] == labels
+    close(figure)
+    assert unique_labels(["runs/a", "runs/b"]) == ["a", "b"]
+    assert unique_labels(["a", "x/a", "y/x/a"]) == ["a", "x/a", "y/x/a"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
 from theseus_transport import LayerMap, TransportPlan, apply_task_vector, build_plan, load_task_vector, save_task_vector, transport
+from theseus_transport.transport.io import check_writable, staged_writes
 from theseus_transport.transport import (
     CalibrationError,
     CorruptFileError,
@@ -22,6 +24,7 @@ from theseus_transport.transport import (
     OutputPathError,
     ShapeMismatchError,
     TaskVectorKeyError,
+    UnknownNameError,
     align_tokens,
     expand_state_dict,
     interpolate_tokens_2d,
@@ -332,6 +335,37 @@ def test_outputs_not_named_safetensors_and_non_finite_vectors_are_refused(tmp_pa
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+
+def test_written_files_get_the_usual_mode_and_bad_sidecars_are_corrupt_files(tmp_path):
+    path = save_task_vector(tmp_path / "tv.safetensors", {"a": torch.ones(2)}, {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+    for content in (b"[]", b"\xff\xfe not utf-8"):
+        (tmp_path / "tv.json").write_bytes(content)
+        with pytest.raises(CorruptFileError, match="sidecar"):
+            load_task_vector(path)
+
+
+def test_staged_writes_move_every_file_into_place_or_none(tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "sub" / "b.txt"
+    first.write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_writes(first, second) as stage:
+            stage(first).write_text("new")
+            raise RuntimeError("the second write failed")
+    assert first.read_text() == "old" and not second.exists()
+    with staged_writes(first, second) as stage:
+        stage(first).write_text("new")
+        stage(second).write_text("b")
+    assert first.read_text() == "new" and second.read_text() == "b"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "b.txt", "sub"]  # no staging folder left
+    with pytest.raises(OutputPathError, match="is a directory"):
+        check_writable(tmp_path / "sub", overwrite=True)
+    with pytest.raises(OutputPathError, match="is a file"):
+        check_writable(first / "c.txt")
+
+
 def test_apply_task_vector_checks_keys_and_shapes():
     model = tiny_vit()
     with pytest.raises(TaskVectorKeyError):
@@ -424,3 +458,11 @@ def test_embedding_stage_transport_is_refused_for_t5():
     task_vector = random_task_vector(source, lambda key: "embed" not in key and "shared" not in key)
     with pytest.raises(ValueError, match="no embedding-stage transport"):
         transport(source, target, task_vector, t5_calibration(1), transport_embeddings=True, progress=False)
+
+
+def test_mistyped_openclip_names_are_unknown_names_not_downloads():
+    from theseus_transport.families import load_openclip
+
+    with pytest.raises(UnknownNameError, match="did you mean .*ViT-B-16"):
+        load_openclip("ViT-B-61")
+    assert issubclass(UnknownNameError, KeyError)  # callers catching KeyError keep working

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -62,6 +63,34 @@ def lightning_main(args: list[str] | None = None) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def _transport_parser(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models")
     models.add_argument("--family", default="openclip", choices=["openclip", "t5"])
@@ -73,16 +102,16 @@ def _transport_parser(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("calibration data")
     data.add_argument("--dataset", required=True, help="hub id, zoo:<task> (offline world) or a save_to_disk folder")
     data.add_argument("--dataset-config", default=None)
-    data.add_argument("--calibration-batches", type=int, default=1)
-    data.add_argument("--calibration-batch-size", type=int, default=32)
+    data.add_argument("--calibration-batches", type=_positive_int, default=1)
+    data.add_argument("--calibration-batch-size", type=_positive_int, default=32)
     data.add_argument("--calibration-protocol", default="batches", choices=["batches", "shots"])
-    data.add_argument("--calibration-shots", type=int, default=4)
+    data.add_argument("--calibration-shots", type=_positive_int, default=4)
     data.add_argument("--calibration-seed", type=int, default=0)
-    data.add_argument("--held-out-batches", type=int, default=1, help="validation batches for the cosine report (0: skip)")
+    data.add_argument("--held-out-batches", type=_non_negative_int, default=1, help="validation batches for the cosine report (0: skip)")
     method = parser.add_argument_group("method")
     method.add_argument("--method", default="theseus")
     method.add_argument("--map-mode", default="rank_aware", choices=["rank_aware", "paper"])
-    method.add_argument("--alpha", type=float, default=1.0)
+    method.add_argument("--alpha", type=_finite_float, default=1.0)
     method.add_argument("--center", action="store_true", help="centered cross-covariance (default: uncentered)")
     method.add_argument("--capture-linear-outputs", action="store_true",
                         help="accumulate linear outputs' statistics from activations instead of deriving them "
@@ -95,7 +124,7 @@ def _transport_parser(parser: argparse.ArgumentParser) -> None:
                              "preserving attention logits (beyond the paper); per_point: a map per capture point")
     method.add_argument("--token-alignment", default=None, choices=["none", "mean", "interpolate", "interpolate2d"])
     method.add_argument("--layer-map", default=None, choices=["interpolate"], help="depth mismatch: paper Sec. 4.4")
-    method.add_argument("--memory-budget-mb", type=float, default=None, help="cap on statistics memory per pass")
+    method.add_argument("--memory-budget-mb", type=_positive_float, default=None, help="cap on statistics memory per pass")
     method.add_argument("--seed", type=int, default=0)
     method.add_argument("--device", default="cpu")
     out = parser.add_argument_group("output")
@@ -108,9 +137,9 @@ def _transport_parser(parser: argparse.ArgumentParser) -> None:
 def transport_main(options: argparse.Namespace) -> int:
     """Transport a task vector between two base models and write vector, sidecar and report JSON."""
     from .families import load_base_encoder
-    from .transport import load_task_vector, save_task_vector, transport
+    from .transport import get_method, load_task_vector, save_task_vector, transport
     from .transport.errors import OutputPathError
-    from .transport.io import check_tensor_path, check_writable, sidecar_path, write_json
+    from .transport.io import check_tensor_path, check_writable, sidecar_path, staged_writes, write_json
 
     # refuse before any work is done: names that are not *.safetensors, outputs that would overwrite one
     # another, and existing files (unless --overwrite)
@@ -123,7 +152,11 @@ def transport_main(options: argparse.Namespace) -> int:
     clashing = sorted({str(path) for path in outputs if [p.resolve() for p in outputs].count(path.resolve()) > 1})
     if clashing:
         raise OutputPathError(f"--output and --plan-out would write the same file(s) {clashing}; choose other names")
+    inputs = {Path(options.task_vector).resolve(), sidecar_path(options.task_vector).resolve()}
+    if any(path.resolve() in inputs for path in outputs):
+        raise OutputPathError(f"--output {output} would replace the input task vector {options.task_vector} or its sidecar")
     check_writable(*outputs, overwrite=options.overwrite)
+    get_method(options.method)  # an unknown name is refused before any model is loaded
     task_vector, info = load_task_vector(options.task_vector)
     source = load_base_encoder(options.family, options.source_model, options.source_pretrained, options.device)
     target = load_base_encoder(options.family, options.target_model, options.target_pretrained, options.device)
@@ -152,18 +185,15 @@ def transport_main(options: argparse.Namespace) -> int:
         "calibration": {"dataset": options.dataset, "batches": options.calibration_batches,
                         "batch_size": options.calibration_batch_size, "seed": options.calibration_seed},
     }
-    written: list[Path] = []
-    try:
-        written.append(save_task_vector(output, result.task_vector, metadata, overwrite=options.overwrite))
-        written.append(sidecar_path(output))
-        written.append(write_json(report_path, result.report.to_dict(), overwrite=options.overwrite))
+    # all files or none: written under temporary names, moved into place together, so a failure leaves
+    # whatever was there before (also the files --overwrite would have replaced)
+    with staged_writes(*outputs) as stage:
+        save_task_vector(stage(output), result.task_vector, metadata)
+        write_json(stage(report_path), result.report.to_dict())
         if options.plan_out:
-            written.append(result.plan.save(options.plan_out, overwrite=options.overwrite))
-    except BaseException:
-        for path in written:  # no partial output: all files or none
-            path.unlink(missing_ok=True)
-        raise
-    print(f"wrote {output}, {sidecar_path(output).name}, {report_path.name}")
+            result.plan.save(stage(plan_out))
+    print(f"wrote {output}, {sidecar_path(output).name}, {report_path.name}"
+          + (f", {plan_out} and {sidecar_path(plan_out).name}" if options.plan_out else ""))
     return 0
 
 
@@ -190,7 +220,7 @@ def compare_main(options: argparse.Namespace) -> int:
     from .compare import compare_groups, compare_runs
 
     common = {"monitor": options.monitor, "target": options.target, "loss_tag": options.loss_tag,
-              "overwrite": options.overwrite}
+              "overwrite": options.overwrite, "mode": options.mode}
     if bool(options.runs) == bool(options.group):
         print("theseus compare: give either run directories or --group LABEL RUN [RUN ...], not both or neither",
               file=sys.stderr)
@@ -237,23 +267,26 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             lightning_main(None if from_command_line else argv)
-        except TheseusError as error:
+        except (TheseusError, FileNotFoundError) as error:
             # a named failure (offline weights, bad task vector, ...) reads better as one line than a traceback
             print(f"theseus {argv[0]}: {type(error).__name__}: {error}", file=sys.stderr)
             return 1
         return 0
     parser = argparse.ArgumentParser(prog="theseus", description=__doc__)
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,transport,compare,demo}")
-    for name in ("fit", "validate", "test"):
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,transport,compare,demo}")
+    for name in LIGHTNING_SUBCOMMANDS:
         sub.add_parser(name, help=f"LightningCLI {name} (see `theseus {name} --help`)", add_help=False)
     _transport_parser(sub.add_parser("transport", help="transport a task vector to another model"))
     compare = sub.add_parser("compare", help="plot several runs' curves from their TensorBoard logs")
     compare.add_argument("runs", nargs="*", help="run directories (searched for TensorBoard event files)")
     compare.add_argument("--group", nargs="+", action="append", metavar="LABEL RUN",
                          help="one curve averaged over these runs, e.g. the same recipe over several tasks (repeatable)")
-    compare.add_argument("--out", required=True, help="PNG to write")
+    compare.add_argument("--out", required=True, help="image to write, format from its suffix (none: .png is appended)")
     compare.add_argument("--monitor", default="val/acc")
-    compare.add_argument("--target", type=float, default=None, help="steps-to-target threshold (default: 0.9 * best final)")
+    compare.add_argument("--mode", choices=("max", "min"), default=None,
+                         help="whether --monitor should rise to the target or fall to it (default: min if it names a loss, else max)")
+    compare.add_argument("--target", type=float, default=None,
+                         help="steps-to-target threshold (default: 0.9 * highest final for max, 1.1 * lowest final for min)")
     compare.add_argument("--loss-tag", default="train/loss")
     compare.add_argument("--overwrite", action="store_true")
     demo = sub.add_parser("demo", help="offline end-to-end demo on the project's own model family")

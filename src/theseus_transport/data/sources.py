@@ -7,7 +7,7 @@ from pathlib import Path
 
 import datasets
 
-from ..transport.errors import OfflineError
+from ..transport.errors import DataLayoutError, OfflineError
 
 ZOO_PREFIX = "zoo:"
 TOY_PREFIX = "toy:"  # offline text-pair tasks, see data/toy.py
@@ -77,7 +77,7 @@ def find_image_column(features: datasets.Features) -> str:
     for name in IMAGE_COLUMN_NAMES:
         if name in features:
             return name
-    raise KeyError(f"no image column among {list(features)}; expected an Image feature or one of {IMAGE_COLUMN_NAMES}")
+    raise DataLayoutError(f"no image column among {list(features)}; expected an Image feature or one of {IMAGE_COLUMN_NAMES}")
 
 
 def find_label_column(features: datasets.Features) -> str:
@@ -88,7 +88,7 @@ def find_label_column(features: datasets.Features) -> str:
     for name in LABEL_COLUMN_NAMES:
         if name in features:
             return name
-    raise KeyError(f"no label column among {list(features)}; expected a ClassLabel or one of {LABEL_COLUMN_NAMES}")
+    raise DataLayoutError(f"no label column among {list(features)}; expected a ClassLabel or one of {LABEL_COLUMN_NAMES}")
 
 
 def class_names_from_features(features: datasets.Features, label_column: str) -> list[str] | None:

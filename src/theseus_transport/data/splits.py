@@ -5,6 +5,8 @@ from __future__ import annotations
 import datasets
 import torch
 
+from ..transport.errors import DataLayoutError
+
 VAL_SPLIT_NAMES = ("val", "validation", "valid", "dev")
 CALIBRATION_SPLIT = "calibration"
 
@@ -32,16 +34,16 @@ def standard_splits(
     overlaps test; a missing test split is an error rather than a silent reuse of validation.
     """
     if train_split not in raw:
-        raise KeyError(f"split {train_split!r} not found; the dataset has {list(raw)}")
+        raise DataLayoutError(f"split {train_split!r} not found; the dataset has {list(raw)}")
     val_name = val_split or next((name for name in VAL_SPLIT_NAMES if name in raw), None)
     test_name = test_split or "test"
     if test_name not in raw:
-        raise KeyError(f"test split {test_name!r} not found; the dataset has {list(raw)}")
+        raise DataLayoutError(f"test split {test_name!r} not found; the dataset has {list(raw)}")
     train = raw[train_split]
     if val_name is not None and val_name in raw:
         val = raw[val_name]
     elif val_split is not None:
-        raise KeyError(f"validation split {val_split!r} not found; the dataset has {list(raw)}")
+        raise DataLayoutError(f"validation split {val_split!r} not found; the dataset has {list(raw)}")
     else:
         train, val = carve_validation(train, val_fraction, seed)
     splits = {"train": train, "val": val, "test": raw[test_name]}

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from ..arguments import init_arguments
+from ..transport.errors import DataLayoutError
 from .base import TaskDataModule, resolve_task
 from .registry import find_text_task
 from .sources import find_label_column
@@ -31,7 +32,7 @@ def find_text_pair_columns(features: datasets.Features) -> tuple[str, str]:
     for first, second in TEXT_PAIR_COLUMNS:
         if first in features and second in features:
             return first, second
-    raise KeyError(f"no premise/hypothesis columns among {list(features)}; tried {TEXT_PAIR_COLUMNS}")
+    raise DataLayoutError(f"no premise/hypothesis columns among {list(features)}; tried {TEXT_PAIR_COLUMNS}")
 
 
 class TextPairDataset(Dataset):

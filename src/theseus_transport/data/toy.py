@@ -5,6 +5,8 @@ from __future__ import annotations
 import datasets
 import numpy as np
 
+from ..transport.errors import UnknownNameError
+
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 OBJECTS = ("circle", "square", "triangle", "star", "cross", "ring")
 TOY_SPLIT_SIZES = {"train": 2048, "validation": 256, "test": 512, "calibration": 256}
@@ -38,7 +40,7 @@ TOY_TASKS = {"objects": ("entailment", "not_entailment")}
 def load_toy_task(task: str, seed: int = 0) -> datasets.DatasetDict:
     """Build ``toy:<task>`` (train / validation / test / calibration splits, distinct seeds per split)."""
     if task not in TOY_TASKS:
-        raise KeyError(f"unknown toy task {task!r}; known: {sorted(TOY_TASKS)}")
+        raise UnknownNameError(f"unknown toy task {task!r}; known: {sorted(TOY_TASKS)}")
     features = datasets.Features(
         {
             "premise": datasets.Value("string"),

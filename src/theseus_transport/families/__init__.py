@@ -1,5 +1,6 @@
 """Model-family adapters and their registry: one file per family."""
 
+from ..transport.errors import UnknownNameError
 from .base import Capture, FamilyAdapter, MAP_MODES, detect_family, get_family, known_families, register_family
 from .generic import GenericLinearAdapter
 from .openclip import OpenCLIPVisionAdapter, load_openclip
@@ -29,4 +30,4 @@ def load_base_encoder(family: str, model_name: str, pretrained: str | None = Non
         return load_openclip(model_name, pretrained, device=device)[0].visual
     if family == "t5":
         return load_t5_encoder(model_name if pretrained in (None, "") else pretrained, device=device)
-    raise KeyError(f"no loader for family {family!r}; known: ['openclip', 't5']")
+    raise UnknownNameError(f"no loader for family {family!r}; known: ['openclip', 't5']")

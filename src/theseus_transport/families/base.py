@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..transport.errors import UnknownNameError
 from ..transport.heads import AttentionLayout
 from ..transport.rule import ParamRule
 
@@ -174,7 +175,7 @@ def register_family(name: str) -> Callable[[type[FamilyAdapter]], type[FamilyAda
 def get_family(name: str) -> FamilyAdapter:
     """Return a new adapter for the family `name` (an unknown name lists the known ones)."""
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model family {name!r}; known families: {sorted(_REGISTRY)}")
+        raise UnknownNameError(f"unknown model family {name!r}; known families: {sorted(_REGISTRY)}")
     return _REGISTRY[name]()
 
 
@@ -189,4 +190,4 @@ def detect_family(encoder: nn.Module) -> FamilyAdapter:
         adapter = _REGISTRY[name]()
         if adapter.matches(encoder):
             return adapter
-    raise KeyError(f"no registered family handles {type(encoder).__name__}; known families: {sorted(_REGISTRY)}")
+    raise UnknownNameError(f"no registered family handles {type(encoder).__name__}; known families: {sorted(_REGISTRY)}")

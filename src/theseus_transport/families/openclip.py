@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..transport.errors import OfflineError
+from ..transport.errors import OfflineError, UnknownNameError
 from ..transport.heads import AttentionLayout
 from ..transport.rule import ParamRule, Piece
 from .base import Capture, FamilyAdapter, LinearLink, hook_input, hook_output, register_family
@@ -326,12 +327,25 @@ def load_openclip(
             # one factory call gives both transforms: a second, weightless model made only for its
             # transforms had OpenCLIP log "initialized randomly" about a member that was loaded
             return family.load_member_with_transforms(model_name, device=device)
+    # hub and local-directory names are resolved by OpenCLIP itself; a built-in name must be known
+    if not model_name.startswith(("hf-hub:", "local-dir:")) and model_name not in open_clip.list_models():
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
+        raise UnknownNameError(
+            f"no OpenCLIP model config named {model_name!r}" + (f"; did you mean {close}?" if close else
+                                                                 " (open_clip.list_models() lists them)")
+        )
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device
         )
     except (OSError, RuntimeError, ValueError) as error:
         message = str(error).lower()
+        if "not a known tag" in message:
+            tags = [tag for name, tag in open_clip.list_pretrained() if name == model_name]
+            raise UnknownNameError(
+                f"{pretrained!r} is neither a pretrained tag of OpenCLIP {model_name!r} nor a checkpoint file"
+                + (f"; its tags: {tags}" if tags else "")
+            ) from error
         if any(word in message for word in ("offline", "connect", "resolve", "download", "hub", "internet", "not found")):
             raise OfflineError(
                 f"could not load OpenCLIP {model_name!r} with pretrained={pretrained!r}: the weights must be "

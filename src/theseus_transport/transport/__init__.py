@@ -20,6 +20,7 @@ from .fidelity import measure_update_alignment
 from .errors import (
     CalibrationError,
     CorruptFileError,
+    DataLayoutError,
     DepthMismatchError,
     FamilyMismatchError,
     HashMismatchError,
@@ -31,6 +32,7 @@ from .errors import (
     ShapeMismatchError,
     TaskVectorKeyError,
     TheseusError,
+    UnknownNameError,
 )
 from .io import load_task_vector, save_task_vector, tensors_sha256
 from .heads import AttentionLayout, head_block_maps, max_weight_matching

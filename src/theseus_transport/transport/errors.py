@@ -53,3 +53,18 @@ class OutputPathError(TheseusError, ValueError):
 
 class NonFiniteError(TheseusError, ValueError):
     """Tensors to be written or used contain NaN or Inf (e.g. a diverged fine-tune)."""
+
+
+class UnknownNameError(TheseusError, KeyError):
+    """A model, task, dataset, family or method name the suite does not know (also a KeyError)."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; the message reads better as it is
+        return str(self.args[0]) if self.args else ""
+
+
+class DataLayoutError(TheseusError, KeyError):
+    """A dataset lacks a split or column the suite needs (also a KeyError)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +64,49 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def check_writable(*paths: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raise OutputExistsError if any path exists and overwriting was not asked for."""
-    for path in paths:
-        if Path(path).exists() and not overwrite:
+    """Raise OutputExistsError if any path exists and overwriting was not asked for (OutputPathError if it cannot be a file)."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise OutputPathError(f"{path} is a directory; give a file name")
+        blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+        if blocking is not None:
+            raise OutputPathError(f"cannot write {path}: {blocking} is a file, not a directory")
+        if path.exists() and not overwrite:
             raise OutputExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+
+
+@contextlib.contextmanager
+def staged_writes(*finals: str | os.PathLike) -> Iterator[Callable[[str | os.PathLike], Path]]:
+    """Write a set of outputs under temporary names; move them into place only once all were written.
+
+    Yields `stage(final) -> path to write instead`. If anything fails before the end of the block, no
+    final path is touched, so files an `overwrite` would have replaced are still there.
+    """
+    staging: dict[Path, Path] = {}
+
+    def stage(final: str | os.PathLike) -> Path:
+        parent = Path(final).parent
+        if parent not in staging:
+            parent.mkdir(parents=True, exist_ok=True)
+            staging[parent] = Path(tempfile.mkdtemp(dir=parent, prefix=".theseus-staging-"))
+        return staging[parent] / Path(final).name
+
+    try:
+        yield stage
+        for final in map(Path, finals):
+            staged = staging.get(final.parent, final.parent) / final.name
+            if final.parent in staging and staged.exists():
+                os.replace(staged, final)
+    finally:
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file (0o666 less the umask); mkstemp's is 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -75,6 +116,7 @@ def _atomic_write_bytes(path: Path, write) -> None:
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -146,9 +188,11 @@ def load_task_vector(path: str | os.PathLike, verify: bool = True) -> tuple[dict
     if not sidecar.is_file():
         raise CorruptFileError(f"{path} has no sidecar {sidecar}; task vectors are saved with save_task_vector")
     try:
-        info = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as error:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CorruptFileError(f"sidecar {sidecar} is not valid JSON: {error}") from error
+    if not isinstance(info, dict):
+        raise CorruptFileError(f"sidecar {sidecar} holds a JSON {type(info).__name__}, not the object save_task_vector writes")
     if verify:
         actual = tensors_sha256(tensors)
         if info.get("sha256") != actual:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UnknownNameError
 from .maps import (
     MapBuilder,
     decoupled_least_squares_map,
@@ -77,5 +78,5 @@ METHODS: dict[str, Method] = {
 def get_method(name: str) -> Method:
     """Return the method called `name` (an unknown name lists the known ones)."""
     if name not in METHODS:
-        raise KeyError(f"unknown transport method {name!r}; known methods: {sorted(METHODS)}")
+        raise UnknownNameError(f"unknown transport method {name!r}; known methods: {sorted(METHODS)}")
     return METHODS[name]

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 import open_clip
 
+from ..transport.errors import UnknownNameError
 from .world import (
     TASKS,
     caption_scene,
@@ -334,7 +335,7 @@ def build_family(
     members = tuple(members) if members is not None else FAMILY_MEMBERS
     unknown = [m for m in members if m not in FAMILY_MEMBERS]
     if unknown:
-        raise KeyError(f"unknown family members {unknown}; known: {list(FAMILY_MEMBERS)}")
+        raise UnknownNameError(f"unknown family members {unknown}; known: {list(FAMILY_MEMBERS)}")
     recipes = {m: member_recipe(m, steps) for m in members}
     records = read_family_manifest(cache_dir).get("members", {})
     todo = [m for m in members if force or not _is_cached(m, cache_dir, records.get(m), recipes[m], seed)]
@@ -411,7 +412,7 @@ def load_member_with_transforms(
 ) -> tuple[open_clip.CLIP, Callable, Callable, Callable]:
     """Load a pretrained member as (model in eval mode, preprocess_train, preprocess_val, tokenizer)."""
     if name not in FAMILY_MEMBERS:
-        raise KeyError(f"unknown family member {name!r}; known: {list(FAMILY_MEMBERS)}")
+        raise UnknownNameError(f"unknown family member {name!r}; known: {list(FAMILY_MEMBERS)}")
     register_family_configs()
     path = checkpoint_path(name, cache_dir)
     if not path.is_file():

@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import datasets
 
+from ..transport.errors import UnknownNameError
+
 log = logging.getLogger(__name__)
 
 WORLD_FORMAT = "theseus-zoo-world/1"
@@ -661,7 +663,7 @@ def _ensure_world(cache_dir: str | os.PathLike | None) -> Path:
 def load_task(name: str, cache_dir: str | os.PathLike | None = None) -> datasets.DatasetDict:
     """Load a task's splits (train, val, test, calibration), building the world if missing."""
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        raise UnknownNameError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
     return datasets.load_from_disk(str(_ensure_world(cache_dir) / "tasks" / name))
 
 
