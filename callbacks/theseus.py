@@ -243,9 +243,13 @@ class TheseusCallback(Callback):
         target.to(device)
         reduce_fn = (lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")) if world_size > 1 else None
         calibration = self._calibration(trainer, rank, world_size)
-        if len(calibration) == 0:
+        fewest = len(calibration)
+        if world_size > 1:
+            # every rank must learn that one got nothing, or the others wait for it in the first reduction
+            fewest = int(trainer.strategy.reduce(torch.tensor(float(fewest), device=device), reduce_op="min"))
+        if fewest == 0:
             raise CalibrationError(
-                f"rank {rank} got no calibration batches: use at least {world_size} calibration batches under DDP"
+                f"a rank got no calibration batches: use at least {world_size} calibration batches under DDP"
             )
         result = transport(
             source, target, task_vector, calibration, family=family, method=self.method, map_mode=self.map_mode,

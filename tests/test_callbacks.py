@@ -297,6 +297,27 @@ def test_ddp_ranks_agree_with_one_process_on_the_same_calibration_data(tmp_path)
     _assert_close_states(snapshot_state(spread.encoder), expected)
 
 
+def test_ddp_refusals_stop_every_rank(tmp_path):
+    # one calibration batch for two ranks, and a task_vector_out that exists: each must end the run on
+    # both ranks with its own message. (Under ddp_spawn a dead rank also ends the others; under a
+    # launcher such as torchrun the other ranks would wait in their first collective until the timeout.)
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"not ours")
+    vector_path = t5_task_vector(tmp_path)
+    for module, data, message in (
+        (_text_module(lr=0.0), text_data(calibration_batches=1), "a rank got no calibration batches"),
+        (_no_dropout(TextClassifier(T5_TARGET, num_classes=2, task_vector_out=str(taken))), text_data(calibration_batches=2),
+         "exists"),
+    ):
+        trainer = _trainer(
+            tmp_path, callbacks=[TheseusCallback(vector_path, source_model=T5_SOURCE)],
+            max_steps=1, strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)), devices=2,
+        )
+        with pytest.raises(Exception, match=message):
+            trainer.fit(module, datamodule=data)
+    assert taken.read_bytes() == b"not ours"
+
+
 # ----- image classifier, eval mode -------------------------------------------------------------------------------
 
 

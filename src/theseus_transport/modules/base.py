@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..transport.errors import TheseusError
 from ..transport.io import check_tensor_path, check_writable, sidecar_path
 from .schedule import warmup_cosine_scheduler
 from .task_vector import snapshot_state, task_vector_from, write_task_vector
@@ -196,8 +197,18 @@ class EncoderClassifier(L.LightningModule):
         # modes it finds, so without this a fine-tune would run with T5's dropout off; a frozen encoder stays in eval
         self.train()
         path = self.resolved_task_vector_out()
-        if path is not None and self.trainer.is_global_zero:
-            check_writable(check_tensor_path(path), sidecar_path(path), overwrite=self.overwrite)
+        if path is None:
+            return
+        refusal: Exception | None = None
+        if self.trainer.is_global_zero:
+            try:
+                check_writable(check_tensor_path(path), sidecar_path(path), overwrite=self.overwrite)
+            except TheseusError as error:
+                refusal = error
+        # every rank must stop, or the others would wait for rank 0 in their first collective
+        refusal = self.trainer.strategy.broadcast(refusal)
+        if refusal is not None:
+            raise refusal
 
     def on_fit_end(self) -> None:
         """Write the encoder task vector (rank zero only) when task_vector_out is set."""
