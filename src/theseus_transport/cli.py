@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `theseus` console script."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .console import configure_console_logging
+
+    configure_console_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from .transport.errors import TheseusError

@@ -436,10 +436,12 @@ class _InlineExecutor(Executor):
 
 def _finetune_worker() -> None:
     """Set up a spawned worker as the main process is: one torch thread, the zoo's configs registered."""
+    from ..console import configure_console_logging
     from .family import register_family_configs
 
     torch.set_num_threads(1)
     register_family_configs()
+    configure_console_logging()
 
 
 def _finetune_pool(settings: DemoSettings) -> Executor:
