@@ -136,3 +136,36 @@ def test_quickstart_notebook_executes(tmp_path):
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
     assert any("image/png" in output.get("data", {}) for output in outputs), "plots must be inline"
     assert not any(output.get("output_type") == "error" for output in outputs)
+
+
+def test_demo_settings_are_checked_before_any_work():
+    from theseus_transport.zoo.demo import DemoSettings
+
+    for bad in (dict(tasks=()), dict(tasks=("sizes", "nope")), dict(finetune_steps=0), dict(eval_every=0),
+                dict(warm_start_steps=-1), dict(calibration_batches=()), dict(calibration_batches=(0, 5)),
+                dict(held_out_batches=0), dict(lr=0.0)):
+        with pytest.raises(ValueError):
+            DemoSettings(**{"tasks": ("sizes",), **bad})
+
+
+def test_demo_refuses_or_replaces_only_its_own_earlier_outputs(tmp_path, monkeypatch):
+    from theseus_transport.transport.errors import OutputExistsError
+    from theseus_transport.zoo import demo
+
+    monkeypatch.setattr(demo, "_run", lambda settings, output, overwrite: {"ran": True})  # the checks only
+    out = tmp_path / "demo"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "sizes.png").write_bytes(b"the user's plot")
+    with pytest.raises(OutputExistsError, match="sizes.png"):
+        demo.run_demo(output_dir=out, quick=True)
+    (out / "plots" / "sizes.png").unlink()
+    # an earlier run's logs: TensorBoard would merge them into this run's curves
+    old_run = out / "runs" / "sizes" / "source_finetune"
+    old_run.mkdir(parents=True)
+    (old_run / "events.out.tfevents.old").write_bytes(b"old")
+    (out / "runs" / "sizes" / "notes.txt").write_text("the user's")
+    with pytest.raises(OutputExistsError, match="run folders of an earlier demo"):
+        demo.run_demo(output_dir=out, quick=True)
+    assert old_run.exists()
+    assert demo.run_demo(output_dir=out, quick=True, overwrite=True) == {"ran": True}
+    assert not old_run.exists() and (out / "runs" / "sizes" / "notes.txt").read_text() == "the user's"

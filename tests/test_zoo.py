@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -257,3 +258,35 @@ def test_unknown_member_is_rejected(tiny_cache):
         load_member("theseus-huge", tiny_cache)
     with pytest.raises(KeyError, match="known"):
         build_family(tiny_cache, members=("theseus-huge",))
+
+
+def test_a_foreign_world_folder_is_never_deleted_and_an_incomplete_one_is_rebuilt(tmp_path):
+    from theseus_transport.transport.errors import OutputExistsError
+
+    foreign = tmp_path / "world"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("the user's")
+    with pytest.raises(OutputExistsError, match="not a theseus world"):
+        build_world(tmp_path, seed=0, sizes=TINY_SIZES)
+    assert (foreign / "thesis.tex").read_text() == "the user's"
+
+    cache = tmp_path / "cache"
+    world_dir = build_world(cache, seed=0, sizes=TINY_SIZES)
+    shutil.rmtree(world_dir / "pretrain")  # what a raced or interrupted build could leave: a manifest, no data
+    assert build_world(cache, seed=0, sizes=TINY_SIZES) == world_dir and (world_dir / "pretrain").is_dir()
+    assert sorted(path.name for path in cache.iterdir()) == ["world"]  # no staging folder left behind
+
+
+def test_a_member_is_retrained_when_the_world_it_learnt_from_changed(tmp_path):
+    name = "theseus-tiny-s"
+    build_world(tmp_path, seed=0, sizes=TINY_SIZES)
+    path = build_family(tmp_path, seed=0, steps=2, members=(name,), progress=False)[name]
+    record = family.read_family_manifest(tmp_path)["members"][name]
+    assert record["world"]["seed"] == 0 and record["world"]["sizes"]["pretrain"] == TINY_SIZES["pretrain"]
+    stamp = path.stat().st_mtime_ns
+    build_family(tmp_path, seed=0, steps=2, members=(name,), progress=False)
+    assert path.stat().st_mtime_ns == stamp  # same world: cached
+    build_world(tmp_path, seed=1, sizes=TINY_SIZES)
+    build_family(tmp_path, seed=0, steps=2, members=(name,), progress=False)
+    assert path.stat().st_mtime_ns != stamp
+    assert family.read_family_manifest(tmp_path)["members"][name]["world"]["seed"] == 1

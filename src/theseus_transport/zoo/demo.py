@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 import warnings
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -30,6 +31,7 @@ from ..transport import (
     measure_alignment,
     measure_update_alignment,
 )
+from ..transport.errors import OutputExistsError
 from ..transport.io import check_writable
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,22 @@ class DemoSettings:
             raise ValueError(f"warm_start_seeds must be distinct and not empty, got {self.warm_start_seeds}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be at least 1 (or None: one per core), got {self.workers}")
+        from .world import TASKS
+
+        # refused here, not after the family build (minutes) or silently (0 steps: a zero task vector)
+        if not self.tasks or any(task not in TASKS for task in self.tasks):
+            raise ValueError(f"tasks must be a non-empty selection of {list(TASKS)}, got {self.tasks}")
+        if not self.calibration_batches or min(self.calibration_batches) < 1:
+            raise ValueError(f"calibration_batches must be positive sizes, got {self.calibration_batches}")
+        counts = {name: getattr(self, name) for name in (
+            "calibration_batch_size", "finetune_steps", "warm_start_steps", "eval_every", "batch_size",
+            "warm_start_batches", "held_out_batches")}
+        small = {name: value for name, value in counts.items() if value < 1}
+        if small:
+            raise ValueError(f"these settings must be at least 1: {small}")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be above 0, warmup_steps and weight_decay at least 0; got {self.lr}, "
+                             f"{self.warmup_steps}, {self.weight_decay}")
 
     @classmethod
     def full(cls) -> "DemoSettings":
@@ -337,7 +355,16 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", quick: bool = False
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings.full())
     output = Path(output_dir)
-    check_writable(output / "results.json", output / "results.md", overwrite=overwrite)
+    files, run_dirs = demo_outputs(settings, output)
+    # every file the demo writes is checked before any work; a previous run's logs would be read as this
+    # run's curves (TensorBoard merges event files in a folder), so they are refused or, with overwrite, removed
+    check_writable(*files, overwrite=overwrite)
+    existing_runs = [run for run in run_dirs if run.exists()]
+    if existing_runs and not overwrite:
+        raise OutputExistsError(f"{len(existing_runs)} run folders of an earlier demo exist (e.g. {existing_runs[0]}); "
+                                "pass overwrite=True (CLI: --overwrite) to replace them")
+    for run in existing_runs:
+        shutil.rmtree(run)
     saved = {name: os.environ.get(name) for name in ("THESEUS_CACHE", family.FAMILY_VARIANT_ENV)}
     try:
         if cache_dir is not None:
@@ -352,6 +379,24 @@ def run_demo(output_dir: str | os.PathLike = "outputs/demo", quick: bool = False
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _run_names(settings: DemoSettings) -> tuple[str, list[str], list[str]]:
+    """The run folders of one task: the source fine-tune, the target baselines and the warm starts (per seed)."""
+    return ("source_finetune", [f"target_finetune_seed{seed}" for seed in settings.warm_start_seeds],
+            [f"target_warmstart_theseus_seed{seed}" for seed in settings.warm_start_seeds])
+
+
+def demo_outputs(settings: DemoSettings, output: Path) -> tuple[list[Path], list[Path]]:
+    """The files and the run folders a demo with these settings writes under `output`."""
+    files = [output / "results.json", output / "results.md", output / "plots" / "average.png"]
+    runs: list[Path] = []
+    for task in settings.tasks:
+        vector = output / "task_vectors" / SOURCE_MODEL / f"{task}.safetensors"
+        files += [vector, vector.with_suffix(".json"), output / "plots" / f"{task}.png"]
+        source, baselines, warms = _run_names(settings)
+        runs += [output / "runs" / task / name for name in (source, *baselines, *warms)]
+    return files, runs
 
 
 def _run(settings: DemoSettings, output: Path, overwrite: bool) -> dict[str, Any]:
@@ -389,11 +434,12 @@ def _run_task(task: str, settings: DemoSettings, output: Path, overwrite: bool, 
     """One task of the demo: source fine-tune, transports, diagnostics, depth, and the warm start."""
     task_started = time.perf_counter()
     task_dir = output / "runs" / task
+    source_name, baseline_names, warm_names = _run_names(settings)
     source_vector_path = output / "task_vectors" / SOURCE_MODEL / f"{task}.safetensors"
     for path in (source_vector_path, source_vector_path.with_suffix(".json")):
         if overwrite:
             path.unlink(missing_ok=True)
-    source_run = finetune(SOURCE_MODEL, task, settings.finetune_steps, task_dir / "source_finetune", settings,
+    source_run = finetune(SOURCE_MODEL, task, settings.finetune_steps, task_dir / source_name, settings,
                           task_vector_out=source_vector_path)
     task_vector, _ = load_task_vector(source_vector_path)
     bench = TaskBench(task, settings)
@@ -406,12 +452,11 @@ def _run_task(task: str, settings: DemoSettings, output: Path, overwrite: bool, 
     if settings.depth_target is not None:
         entry["depth"] = depth_experiment(task, source, task_vector, settings)
     # the target fine-tunes are independent and seeded: they run side by side, with the same results
-    jobs = [(pool.submit(finetune, TARGET_MODEL, task, settings.warm_start_steps,
-                         task_dir / f"target_finetune_seed{seed}", settings, seed=seed),
-             pool.submit(finetune, TARGET_MODEL, task, settings.warm_start_steps,
-                         task_dir / f"target_warmstart_theseus_seed{seed}", settings,
+    jobs = [(pool.submit(finetune, TARGET_MODEL, task, settings.warm_start_steps, task_dir / baseline_name, settings,
+                         seed=seed),
+             pool.submit(finetune, TARGET_MODEL, task, settings.warm_start_steps, task_dir / warm_name, settings,
                          warm_start_from=source_vector_path, seed=seed))
-            for seed in settings.warm_start_seeds]
+            for seed, baseline_name, warm_name in zip(settings.warm_start_seeds, baseline_names, warm_names)]
     baselines = [baseline.result() for baseline, _ in jobs]
     warms = [warm.result() for _, warm in jobs]
     # the upper bound is the same fine-tune as the warm start's baseline, averaged over its seeds

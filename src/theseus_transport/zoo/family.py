@@ -37,6 +37,7 @@ from .world import (
     load_pretraining_pairs,
     load_task,
     scene_from_row,
+    world_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -304,6 +305,7 @@ def _train_and_save(
         "build_seconds": round(time.perf_counter() - started, 1),
         "pretraining_pairs": len(rows),
         "config": FAMILY_CONFIGS[name],
+        "world": world_identity(cache_dir),
     }
     if progress:
         print(f"theseus zoo: built {name} in {record['build_seconds']}s, final loss {record['final_loss']}", flush=True)
@@ -376,13 +378,15 @@ def build_family(
 def _is_cached(
     name: str, cache_dir: str | os.PathLike | None, record: Mapping[str, Any] | None, recipe: PretrainRecipe, seed: int
 ) -> bool:
-    """Whether a member's checkpoint exists and was trained with this seed, recipe and config."""
+    """Whether a member's checkpoint exists and was trained with this seed, recipe, config and world."""
     return (
         checkpoint_path(name, cache_dir).is_file()
         and record is not None
         and record.get("seed") == seed
         and record.get("recipe") == asdict(recipe)
         and record.get("config") == FAMILY_CONFIGS[name]
+        # members built before the world was recorded are taken as built on the world that is there
+        and ("world" not in record or record["world"] == world_identity(cache_dir))
     )
 
 

@@ -43,6 +43,8 @@ def gap_recovered(results: dict[str, Any], batches: str, label: str, key: str = 
     zero_shot = _mean([t["target_zeroshot_test_acc"] for t in tasks])
     finetuned = _mean([t["target_finetuned_test_acc"] for t in tasks])
     transported = _mean([t["transport"][batches]["variants"][label][key] for t in tasks])
+    if finetuned == zero_shot:
+        return float("nan")  # no gap to recover: the share is undefined, not a division error
     return (transported - zero_shot) / (finetuned - zero_shot)
 
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import datasets
 
-from ..transport.errors import UnknownNameError
+from ..transport.errors import OutputExistsError, UnknownNameError
 
 log = logging.getLogger(__name__)
 
@@ -592,6 +593,12 @@ def _read_manifest(world_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def world_identity(cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """What identifies the cache's world (its manifest without the build time), or None if there is none."""
+    found = _read_manifest(_world_dir(cache_dir) / "world")
+    return None if found is None else {key: value for key, value in found.items() if key != "build_seconds"}
+
+
 def _same_world(found: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
     """Whether a manifest on disk describes the wanted world (build time aside)."""
     return found is not None and {k: v for k, v in found.items() if k != "build_seconds"} == wanted
@@ -609,6 +616,11 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+def _is_complete(world_dir: Path) -> bool:
+    """Whether a world folder holds the pretraining pairs and every task (not only a manifest)."""
+    return (world_dir / "pretrain").is_dir() and all((world_dir / "tasks" / name).is_dir() for name in TASKS)
+
+
 def build_world(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -618,24 +630,43 @@ def build_world(
     sizes = _as_sizes(sizes)
     world_dir = _world_dir(cache_dir) / "world"
     wanted = _manifest(seed, sizes)
-    if _same_world(_read_manifest(world_dir), wanted):
+    found = _read_manifest(world_dir)
+    if _same_world(found, wanted) and _is_complete(world_dir):
         return world_dir
-    if world_dir.exists():
-        log.info("rebuilding the world at %s (seed or sizes changed)", world_dir)
-        shutil.rmtree(world_dir)
-    staging = world_dir.with_name("world.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    started = time.perf_counter()
-    with _quiet_datasets():
-        render_pretraining_pairs(sizes.pretrain, seed).save_to_disk(str(staging / "pretrain"))
-        for task in TASKS.values():
-            splits = {split: render_task_split(task, split, sizes.split_size(split), seed) for split in SPLITS}
-            datasets.DatasetDict(splits).save_to_disk(str(staging / "tasks" / task.name))
-    wanted_with_time = {**wanted, "build_seconds": round(time.perf_counter() - started, 2)}
-    (staging / "manifest.json").write_text(json.dumps(wanted_with_time, indent=2))
-    # a rename makes a half-written world impossible to mistake for a finished one
-    staging.rename(world_dir)
+    if world_dir.exists() and (found is None or found.get("format") != WORLD_FORMAT):
+        # only a folder this code wrote (its manifest says so) is ever replaced: a cache root may be
+        # any folder the user names, and a `world` in it that is not ours is theirs
+        raise OutputExistsError(
+            f"{world_dir} exists but is not a theseus world (no {WORLD_FORMAT} manifest); move it away or "
+            "choose another cache folder (THESEUS_CACHE, --cache-dir)"
+        )
+    # each build renders into its own folder, so two processes building at once cannot mix their files
+    world_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=world_dir.parent, prefix="world.tmp-"))
+    try:
+        started = time.perf_counter()
+        with _quiet_datasets():
+            render_pretraining_pairs(sizes.pretrain, seed).save_to_disk(str(staging / "pretrain"))
+            for task in TASKS.values():
+                splits = {split: render_task_split(task, split, sizes.split_size(split), seed) for split in SPLITS}
+                datasets.DatasetDict(splits).save_to_disk(str(staging / "tasks" / task.name))
+        wanted_with_time = {**wanted, "build_seconds": round(time.perf_counter() - started, 2)}
+        (staging / "manifest.json").write_text(json.dumps(wanted_with_time, indent=2))
+        found = _read_manifest(world_dir)
+        if _same_world(found, wanted) and _is_complete(world_dir):
+            return world_dir  # another process finished the same world meanwhile
+        if world_dir.exists():
+            log.info("rebuilding the world at %s (seed or sizes changed, or it was incomplete)", world_dir)
+            shutil.rmtree(world_dir)
+        # a rename makes a half-written world impossible to mistake for a finished one
+        try:
+            os.rename(staging, world_dir)
+        except OSError:
+            if not (_same_world(_read_manifest(world_dir), wanted) and _is_complete(world_dir)):
+                raise
+            # another process renamed the same world into place first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return world_dir
 
 
@@ -649,6 +680,10 @@ def _ensure_world(cache_dir: str | os.PathLike | None) -> Path:
     if found is None:
         log.info("no world at %s; building it with default seed and sizes", world_dir)
         build_world(cache_dir)
+    elif not _is_complete(world_dir):
+        # a manifest without its data (an interrupted or raced build of an older version): build it again
+        log.warning("the world at %s is incomplete; rebuilding it with its own seed and sizes", world_dir)
+        build_world(cache_dir, seed=found.get("seed", 0), sizes=found.get("sizes"))
     elif not _same_world(found, wanted) and world_dir not in _WARNED_WORLDS:
         # a world built with other settings (on purpose, or by an older version) is used as it is, since
         # rebuilding would replace what the user made; but results from it are not the defaults' results
