@@ -281,3 +281,19 @@ def test_offline_hub_dataset_raises_offline_error_quickly():
 def test_offline_tokenizer_raises_offline_error():
     with pytest.raises(OfflineError, match="google-t5/t5-small"):
         load_tokenizer("google-t5/t5-small")
+
+
+def test_a_test_split_named_validation_is_never_also_the_validation_split():
+    from theseus_transport.data.splits import standard_splits
+
+    def split(name: str, count: int) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"text": [f"{name}{i}" for i in range(count)], "label": [i % 2 for i in range(count)]})
+
+    # GLUE (qnli, rte): the public "validation" split is the test set; validation is carved from train
+    raw = datasets.DatasetDict({"train": split("tr", 40), "validation": split("va", 10), "test": split("te", 10)})
+    splits = standard_splits(raw, test_split="validation")
+    assert splits["test"]["text"] == raw["validation"]["text"]
+    assert not set(splits["val"]["text"]) & set(splits["test"]["text"])
+    assert set(splits["val"]["text"]) <= set(raw["train"]["text"]) and len(splits["train"]) + len(splits["val"]) == 40
+    with pytest.raises(KeyError, match="both 'validation'"):
+        standard_splits(raw, val_split="validation", test_split="validation")

@@ -367,3 +367,20 @@ def test_validate_at_start_logs_what_the_validation_loop_would_at_step_zero():
     assert step == 0
     assert metrics["val/loss"] == pytest.approx(reference["val/loss"], rel=1e-5)
     assert metrics["val/acc"] == pytest.approx(reference["val/acc"])
+
+
+def test_predict_returns_each_test_example_s_class_and_probabilities():
+    L.seed_everything(6)
+    module = TextClassifier("t5-tiny-offline", num_classes=2)
+    data = text_data(max_length=48, batch_size=8)
+    trainer = _trainer(1)
+    batches = trainer.predict(module, datamodule=data)
+    data.setup("test")
+    test_labels = torch.cat([batch[1] if isinstance(batch, (tuple, list)) else batch["labels"] for batch in data.test_dataloader()])
+    labels = torch.cat([batch["label"] for batch in batches])
+    assert torch.equal(labels, test_labels)
+    probabilities = torch.cat([batch["probabilities"] for batch in batches])
+    assert probabilities.shape == (len(test_labels), 2) and torch.allclose(probabilities.sum(-1), torch.ones(len(test_labels)))
+    assert torch.equal(torch.cat([batch["prediction"] for batch in batches]), probabilities.argmax(-1))
+    accuracy = trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]
+    assert accuracy == pytest.approx(float((probabilities.argmax(-1) == labels).float().mean()))

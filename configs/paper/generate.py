@@ -32,6 +32,10 @@ PROBE = {"max_steps": 2000, "batch_size": 128, "lr": 1.0e-3, "weight_decay": 0.0
 # Calibration (paper Sec. 4.1): batches of 32 training examples; the paper sweeps 1 to 50 batches.
 VISION_CALIBRATION = {"calibration_batches": 10, "calibration_batch_size": 32}
 TEXT_CALIBRATION = {"calibration_batches": 20, "calibration_batch_size": 32}
+# Sec. 4.3: the probes get "the same data budget" as the maps (Table 2 sweeps 20 / 50 / 100 batches of
+# 32): each probe trains on as many training examples as the calibration uses. A sweep changes both,
+# e.g. --data.init_args.calibration_batches 50 --data.init_args.train_limit 1600.
+PROBE_TRAIN_EXAMPLES = TEXT_CALIBRATION["calibration_batches"] * TEXT_CALIBRATION["calibration_batch_size"]
 TEXT_MAX_LENGTH = 128
 
 VISION_TASKS = {
@@ -184,8 +188,10 @@ def _text_model(model: str, recipe: dict[str, Any], probe: bool, task_vector_out
     return {"class_path": "theseus_transport.modules.TextClassifier", "init_args": init_args}
 
 
-def _text_data(tokenizer: str, batch_size: int, calibration: bool) -> dict[str, Any]:
+def _text_data(tokenizer: str, batch_size: int, calibration: bool, train_limit: int | None = None) -> dict[str, Any]:
     init_args: dict[str, Any] = {"tokenizer_name": tokenizer, "max_length": TEXT_MAX_LENGTH, "batch_size": batch_size}
+    if train_limit is not None:
+        init_args["train_limit"] = train_limit
     if calibration:
         init_args.update(TEXT_CALIBRATION)
     return {"class_path": "theseus_transport.data.TextPairDataModule", "init_args": init_args}
@@ -204,13 +210,15 @@ def text_experiment() -> dict[str, tuple[str, dict[str, Any]]]:
         "probe_target": (
             f"fit: linear probe on the frozen pretrained {target} encoder",
             {"trainer": _trainer("t5", "probe_target", True, PROBE, []),
-             "model": _text_model(target, PROBE, True, None), "data": _text_data(target, PROBE["batch_size"], False)},
+             "model": _text_model(target, PROBE, True, None),
+             "data": _text_data(target, PROBE["batch_size"], False, PROBE_TRAIN_EXAMPLES)},
         ),
         "probe_theseus": (
             f"fit: linear probe on the frozen {target} encoder plus the transported {source} task vector; "
             "run finetune_source first",
             {"trainer": _trainer("t5", "probe_theseus", True, PROBE, [_theseus(tv_source, (source, None), 1)]),
-             "model": _text_model(target, PROBE, True, None), "data": _text_data(target, PROBE["batch_size"], True)},
+             "model": _text_model(target, PROBE, True, None),
+             "data": _text_data(target, PROBE["batch_size"], True, PROBE_TRAIN_EXAMPLES)},
         ),
     }
 

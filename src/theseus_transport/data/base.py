@@ -219,6 +219,10 @@ class TaskDataModule(L.LightningDataModule):
         """Test batches in a fixed order."""
         return self._loader(self._wrap("test"), self.eval_batch_size, shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test batches, in the same fixed order, for `predict`."""
+        return self.test_dataloader()
+
     # ----- calibration --------------------------------------------------------------------------------------
     def calibration_split(self) -> datasets.Dataset:
         """The split calibration examples come from: the shipped calibration split, else train."""

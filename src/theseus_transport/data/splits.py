@@ -35,8 +35,12 @@ def standard_splits(
     """
     if train_split not in raw:
         raise DataLayoutError(f"split {train_split!r} not found; the dataset has {list(raw)}")
-    val_name = val_split or next((name for name in VAL_SPLIT_NAMES if name in raw), None)
     test_name = test_split or "test"
+    # a split that serves as the test split is never also found as the validation split (GLUE tests on
+    # its public "validation" split): validation would then be the test set
+    val_name = val_split or next((name for name in VAL_SPLIT_NAMES if name in raw and name != test_name), None)
+    if val_name is not None and val_name == test_name:
+        raise DataLayoutError(f"the validation and test splits are both {test_name!r}; name different splits")
     if test_name not in raw:
         raise DataLayoutError(f"test split {test_name!r} not found; the dataset has {list(raw)}")
     train = raw[train_split]

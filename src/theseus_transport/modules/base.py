@@ -134,6 +134,12 @@ class EncoderClassifier(L.LightningModule):
         self.log("test/loss", self._loss(logits, labels), on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, batch_size=size)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Predicted class, class probabilities and the true label of every example of a batch."""
+        logits, labels = self._logits_and_labels(batch)
+        probabilities = logits.float().softmax(dim=-1)
+        return {"prediction": probabilities.argmax(dim=-1), "probabilities": probabilities, "label": labels}
+
     # ----- optimisation ------------------------------------------------------------------------------------
     def total_steps(self) -> int:
         """Steps of the cosine schedule: max_steps, else the trainer's estimate."""
