@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from theseus_transport.families import load_base_encoder
 from theseus_transport.transport import (
@@ -23,6 +23,7 @@ from theseus_transport.transport import (
     transport,
 )
 from theseus_transport.transport.errors import CalibrationError
+from theseus_transport.transport.io import check_task_vector_source
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +232,7 @@ class TheseusCallback(Callback):
         task_vector, info = load_task_vector(path)
         if info.get("family") not in (None, family):
             raise FamilyMismatchError(f"{path} is a {info.get('family')!r} task vector; the module is {family!r}")
-        if info.get("model") not in (None, self.source_model):
-            raise FamilyMismatchError(
-                f"{path} was made from {info.get('model')!r}, but source_model is {self.source_model!r}"
-            )
+        check_task_vector_source(info, self.source_model, self.source_pretrained, path)
         world_size, rank = trainer.world_size, trainer.global_rank
         device = trainer.strategy.root_device
         source = load_base_encoder(family, self.source_model, self.source_pretrained, device="cpu").to(device)
@@ -310,3 +308,9 @@ class TheseusCallback(Callback):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(json.dumps(report.to_dict(), indent=2, default=str))
         log.info("TheseusCallback applied %s\n%s", self.state, report.summary())
+        # one line on the console (Lightning prints rank_zero_info); the whole report is in theseus_report.json
+        rank_zero_info(
+            f"TheseusCallback: applied {self.state['task_vector']} ({self.method}, {self.map_mode}, alpha "
+            f"{self.alpha}): mean norm ratio {metrics['theseus/norm_ratio_mean']:.3f}, "
+            f"{len(report.skipped)} keys not transported" + (f"; report: {path}" if path is not None else "")
+        )

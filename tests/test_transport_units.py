@@ -466,3 +466,18 @@ def test_mistyped_openclip_names_are_unknown_names_not_downloads():
     with pytest.raises(UnknownNameError, match="did you mean .*ViT-B-16"):
         load_openclip("ViT-B-61")
     assert issubclass(UnknownNameError, KeyError)  # callers catching KeyError keep working
+
+
+def test_a_task_vector_from_other_source_weights_is_refused(tmp_path):
+    from theseus_transport.transport.io import check_task_vector_source
+
+    checkpoint = tmp_path / "source.pt"
+    checkpoint.write_bytes(b"weights")
+    info = {"model": "ViT-B-16", "pretrained": str(checkpoint)}
+    check_task_vector_source(info, "ViT-B-16", str(checkpoint), "tv")
+    check_task_vector_source(info, "ViT-B-16", os.path.relpath(checkpoint), "tv")  # the same file, named another way
+    check_task_vector_source(info, "ViT-B-16", None, "tv")  # nothing to compare with
+    with pytest.raises(FamilyMismatchError, match="fine-tuned from 'ViT-B-16' weights"):
+        check_task_vector_source({"model": "ViT-B-16", "pretrained": "laion2b_s34b_b88k"}, "ViT-B-16", "openai", "tv")
+    with pytest.raises(FamilyMismatchError, match="was made from 'ViT-B-32'"):
+        check_task_vector_source({"model": "ViT-B-32"}, "ViT-B-16", None, "tv")

@@ -139,7 +139,14 @@ def transport_main(options: argparse.Namespace) -> int:
     from .families import load_base_encoder
     from .transport import get_method, load_task_vector, save_task_vector, transport
     from .transport.errors import OutputPathError
-    from .transport.io import check_tensor_path, check_writable, sidecar_path, staged_writes, write_json
+    from .transport.io import (
+        check_task_vector_source,
+        check_tensor_path,
+        check_writable,
+        sidecar_path,
+        staged_writes,
+        write_json,
+    )
 
     # refuse before any work is done: names that are not *.safetensors, outputs that would overwrite one
     # another, and existing files (unless --overwrite)
@@ -158,6 +165,7 @@ def transport_main(options: argparse.Namespace) -> int:
     check_writable(*outputs, overwrite=options.overwrite)
     get_method(options.method)  # an unknown name is refused before any model is loaded
     task_vector, info = load_task_vector(options.task_vector)
+    check_task_vector_source(info, options.source_model, options.source_pretrained, options.task_vector)
     source = load_base_encoder(options.family, options.source_model, options.source_pretrained, options.device)
     target = load_base_encoder(options.family, options.target_model, options.target_pretrained, options.device)
     datamodule = _calibration_datamodule(options)

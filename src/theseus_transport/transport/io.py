@@ -16,7 +16,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CorruptFileError, HashMismatchError, NonFiniteError, OutputExistsError, OutputPathError
+from .errors import (
+    CorruptFileError,
+    FamilyMismatchError,
+    HashMismatchError,
+    NonFiniteError,
+    OutputExistsError,
+    OutputPathError,
+)
 
 SIDECAR_FORMAT = "theseus-task-vector/1"
 TENSOR_SUFFIX = ".safetensors"
@@ -167,6 +174,22 @@ def save_task_vector(
         path.unlink(missing_ok=True)
         raise
     return path
+
+
+def check_task_vector_source(info: Mapping[str, Any], model: str, pretrained: str | None, path: str | os.PathLike) -> None:
+    """Raise FamilyMismatchError when a task vector's sidecar names another source model or weights."""
+    if info.get("model") not in (None, model):
+        raise FamilyMismatchError(f"{path} was made from {info.get('model')!r}, but the source model is {model!r}")
+    recorded = info.get("pretrained")
+    if recorded is None or pretrained is None or recorded == pretrained:
+        return
+    # the same checkpoint file named two ways is the same weights
+    if Path(str(recorded)).is_file() and Path(str(pretrained)).is_file() and Path(str(recorded)).samefile(pretrained):
+        return
+    raise FamilyMismatchError(
+        f"{path} was fine-tuned from {model!r} weights {recorded!r}, but the source is given as {pretrained!r}: "
+        "the maps must be computed on the weights the task vector is relative to"
+    )
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
