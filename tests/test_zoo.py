@@ -290,3 +290,15 @@ def test_a_member_is_retrained_when_the_world_it_learnt_from_changed(tmp_path):
     build_family(tmp_path, seed=0, steps=2, members=(name,), progress=False)
     assert path.stat().st_mtime_ns != stamp
     assert family.read_family_manifest(tmp_path)["members"][name]["world"]["seed"] == 1
+
+
+def test_a_truncated_member_checkpoint_is_rebuilt_not_loaded(tmp_path):
+    name = "theseus-tiny-s"
+    build_world(tmp_path, seed=0, sizes=TINY_SIZES)
+    path = build_family(tmp_path, seed=0, steps=2, members=(name,), progress=False)[name]
+    whole = path.read_bytes()
+    assert family.checkpoint_intact(path)
+    path.write_bytes(whole[: len(whole) // 2])  # an interrupted copy, a full disk
+    assert not family.checkpoint_intact(path)
+    build_family(tmp_path, seed=0, steps=2, members=(name,), progress=False)
+    assert family.checkpoint_intact(path) and path.read_bytes() == whole  # same seed: the same member again

@@ -13,6 +13,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -151,6 +152,12 @@ def _family_dir(cache_dir: str | os.PathLike | None) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     variant = family_variant()
     return root / (f"family-{variant}" if variant else "family")
+
+
+def _variant_steps() -> int | None:
+    """The step count a variant folder named '<N>steps' (the demo's short recipes) stands for, else None."""
+    match = re.fullmatch(r"(\d+)steps", family_variant())
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -347,7 +354,8 @@ def build_family(
     stale = [m for m in todo if paths[m].is_file() and not force]
     if stale:
         # a cache, not user data: a member trained with another seed, recipe or config is rebuilt
-        log.warning("cached %s in %s were trained with another seed, recipe or config; rebuilding them",
+        log.warning("cached %s in %s were trained with another seed, recipe, config or world, or the file is "
+                    "damaged; rebuilding them",
                     ", ".join(stale), _family_dir(cache_dir))
     total_started = time.perf_counter()
     load_pretraining_pairs(cache_dir)  # render the world here, once, before any worker reads it
@@ -378,9 +386,9 @@ def build_family(
 def _is_cached(
     name: str, cache_dir: str | os.PathLike | None, record: Mapping[str, Any] | None, recipe: PretrainRecipe, seed: int
 ) -> bool:
-    """Whether a member's checkpoint exists and was trained with this seed, recipe, config and world."""
+    """Whether a member's checkpoint exists whole and was trained with this seed, recipe, config and world."""
     return (
-        checkpoint_path(name, cache_dir).is_file()
+        checkpoint_intact(checkpoint_path(name, cache_dir))
         and record is not None
         and record.get("seed") == seed
         and record.get("recipe") == asdict(recipe)
@@ -388,6 +396,18 @@ def _is_cached(
         # members built before the world was recorded are taken as built on the world that is there
         and ("world" not in record or record["world"] == world_identity(cache_dir))
     )
+
+
+def checkpoint_intact(path: Path) -> bool:
+    """Whether a safetensors file exists and is as long as its header says (not truncated or garbled)."""
+    try:
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        return path.stat().st_size == 8 + header_size + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, MemoryError, OverflowError):
+        return False
 
 
 def _save_member(model: torch.nn.Module, path: Path) -> None:
@@ -419,9 +439,9 @@ def load_member_with_transforms(
         raise UnknownNameError(f"unknown family member {name!r}; known: {list(FAMILY_MEMBERS)}")
     register_family_configs()
     path = checkpoint_path(name, cache_dir)
-    if not path.is_file():
-        log.warning("no checkpoint for %s at %s; pretraining it now (a few minutes on CPU)", name, path)
-        build_family(cache_dir, members=(name,))
+    if not checkpoint_intact(path):
+        log.warning("no whole checkpoint for %s at %s; pretraining it now (a few minutes on CPU)", name, path)
+        build_family(cache_dir, members=(name,), steps=_variant_steps())
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=str(path), device=device
     )
