@@ -55,16 +55,16 @@ class NonFiniteError(TheseusError, ValueError):
     """Tensors to be written or used contain NaN or Inf (e.g. a diverged fine-tune)."""
 
 
-class UnknownNameError(TheseusError, KeyError):
+class _PlainKeyError(KeyError):
+    """A KeyError whose message prints as written (KeyError itself quotes its argument)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownNameError(TheseusError, _PlainKeyError):
     """A model, task, dataset, family or method name the suite does not know (also a KeyError)."""
 
-    def __str__(self) -> str:
-        # KeyError quotes its argument; the message reads better as it is
-        return str(self.args[0]) if self.args else ""
 
-
-class DataLayoutError(TheseusError, KeyError):
+class DataLayoutError(TheseusError, _PlainKeyError):
     """A dataset lacks a split or column the suite needs (also a KeyError)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""

@@ -596,12 +596,17 @@ def _read_manifest(world_dir: Path) -> dict[str, Any] | None:
 def world_identity(cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """What identifies the cache's world (its manifest without the build time), or None if there is none."""
     found = _read_manifest(_world_dir(cache_dir) / "world")
-    return None if found is None else {key: value for key, value in found.items() if key != "build_seconds"}
+    return None if found is None else _without_build_time(found)
+
+
+def _without_build_time(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's identifying part: everything but how long the build took."""
+    return {key: value for key, value in manifest.items() if key != "build_seconds"}
 
 
 def _same_world(found: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
     """Whether a manifest on disk describes the wanted world (build time aside)."""
-    return found is not None and {k: v for k, v in found.items() if k != "build_seconds"} == wanted
+    return found is not None and _without_build_time(found) == wanted
 
 
 @contextmanager
