@@ -31,6 +31,7 @@ from theseus_transport.modules import (
 )
 from theseus_transport.transport import apply_task_vector
 from theseus_transport.transport.errors import (
+    FamilyMismatchError,
     NonFiniteError,
     OfflineError,
     OutputExistsError,
@@ -384,3 +385,11 @@ def test_predict_returns_each_test_example_s_class_and_probabilities():
     assert torch.equal(torch.cat([batch["prediction"] for batch in batches]), probabilities.argmax(-1))
     accuracy = trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"]
     assert accuracy == pytest.approx(float((probabilities.argmax(-1) == labels).float().mean()))
+
+
+def test_a_datamodule_preprocessing_for_another_model_is_refused(colours, tmp_path):
+    register_tiny_openclip(tmp_path, {"tt-modules-other": (16, 16)})
+    other = ImageClassificationDataModule.from_datasets(colours, name="colours", model_name="tt-modules-other", batch_size=12)
+    module = ImageClassifier(TINY, None, head="zeroshot", classnames=CLASSNAMES)
+    with pytest.raises(FamilyMismatchError, match="preprocesses images for 'tt-modules-other'"):
+        _trainer(1, validate=True).validate(module, datamodule=other, verbose=False)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..arguments import init_arguments
 from ..data.templates import GENERIC_TEMPLATES
+from ..transport.errors import FamilyMismatchError
 from .base import EncoderClassifier
 from .heads import warn_near_duplicate_classes, zeroshot_logits, zeroshot_weights
 
@@ -128,10 +129,11 @@ class ImageClassifier(EncoderClassifier):
         return self.num_classes is not None
 
     def setup(self, stage: str) -> None:
-        """Build the head from the datamodule's class names and templates when not given."""
+        """Check the datamodule preprocesses for this model; build the head from its class names when not given."""
+        datamodule = self._datamodule()
+        self._check_preprocessing(datamodule)
         if self.head_ready:
             return
-        datamodule = self._datamodule()
         classnames = self.classnames or getattr(datamodule, "classnames", None)
         templates = self.templates or getattr(datamodule, "templates", None)
         if not classnames:
@@ -142,6 +144,21 @@ class ImageClassifier(EncoderClassifier):
         if device is not None and self._text_source is not None:
             self._text_source[0].to(device)
         self.build_head(list(classnames), list(templates) if templates else None, device=device)
+
+    def _check_preprocessing(self, datamodule: Any) -> None:
+        """Refuse a datamodule that resizes and normalises images for another model (a config that overrode one side)."""
+        data_model = getattr(datamodule, "model_name", None)
+        data_pretrained = getattr(datamodule, "pretrained", None)
+        if data_model is not None and data_model != self.model_name:
+            raise FamilyMismatchError(
+                f"the datamodule preprocesses images for {data_model!r}, the model is {self.model_name!r}: set the "
+                "datamodule's model_name to the model's (LightningCLI: --data.init_args.model_name)"
+            )
+        if data_pretrained and self.pretrained and data_pretrained != self.pretrained:
+            raise FamilyMismatchError(
+                f"the datamodule preprocesses images for {self.model_name!r} weights {data_pretrained!r}, the model "
+                f"loads {self.pretrained!r}: set the datamodule's pretrained to the model's"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Create the head with the checkpoint's shape so its state dict loads."""
