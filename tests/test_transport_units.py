@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
@@ -481,3 +482,47 @@ def test_a_task_vector_from_other_source_weights_is_refused(tmp_path):
         check_task_vector_source({"model": "ViT-B-16", "pretrained": "laion2b_s34b_b88k"}, "ViT-B-16", "openai", "tv")
     with pytest.raises(FamilyMismatchError, match="was made from 'ViT-B-32'"):
         check_task_vector_source({"model": "ViT-B-32"}, "ViT-B-16", None, "tv")
+
+
+def test_mean_alignment_averages_real_tokens_only():
+    tokens = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    padded = tokens.clone()
+    padded[0, 3:] = 500.0  # what a padding embedding may hold: it must not matter
+    source, target = align_tokens(padded, padded, "mean", mask)
+    assert torch.allclose(source[0], tokens[0, :3].mean(0)) and torch.allclose(target[1], tokens[1].mean(0))
+    with pytest.raises(ValueError, match="no real tokens"):
+        align_tokens(tokens, tokens, "mean", torch.zeros(2, 5))
+
+
+def test_generic_adapter_maps_group_norm_channels_on_an_exact_twin():
+    from theseus_transport.families import GenericLinearAdapter
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.ModuleDict({"fc1": nn.Linear(6, 8), "gn": nn.GroupNorm(8, 8), "fc2": nn.Linear(8, 6)})])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # B x N x 6; GroupNorm wants channels second
+            block = self.blocks[0]
+            hidden = block["gn"](block["fc1"](x).transpose(1, 2)).transpose(1, 2)
+            return x + block["fc2"](torch.relu(hidden))
+
+    torch.manual_seed(0)
+    source = Net().double()
+    with torch.no_grad():
+        source.blocks[0]["gn"].weight.copy_(1 + 0.3 * torch.randn(8))
+        source.blocks[0]["gn"].bias.copy_(0.3 * torch.randn(8))
+    perm = torch.randperm(8)
+    twin = copy.deepcopy(source)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            getattr(twin.blocks[0]["fc1"], name).copy_(getattr(source.blocks[0]["fc1"], name)[perm])
+            getattr(twin.blocks[0]["gn"], name).copy_(getattr(source.blocks[0]["gn"], name)[perm])
+        twin.blocks[0]["fc2"].weight.copy_(source.blocks[0]["fc2"].weight[:, perm])
+    vector = {key: 0.05 * torch.randn_like(value) for key, value in source.state_dict().items()}
+    # 5 tokens, not 8: a capture along the last axis would not even have the channels' width
+    calibration = [(batch, batch) for batch in torch.randn(4, 64, 5, 6, dtype=torch.float64)]
+    result = transport(source, twin, vector, calibration, family=GenericLinearAdapter(), progress=False)
+    for key in ("blocks.0.gn.weight", "blocks.0.gn.bias"):
+        torch.testing.assert_close(result.task_vector[key], vector[key][perm], atol=1e-8, rtol=0)

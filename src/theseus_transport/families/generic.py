@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..transport.rule import ParamRule, Piece
@@ -75,6 +76,8 @@ class GenericLinearAdapter(FamilyAdapter):
                 if isinstance(module, nn.Linear):
                     handles.append(hook_input(module, capture, f"{name}:in"))
                     handles.append(hook_output(module, capture, f"{name}:out"))
+                elif isinstance(module, nn.GroupNorm):
+                    handles.append(_hook_channels_last(module, capture, f"{name}:out"))
                 elif isinstance(module, NORM_TYPES):
                     handles.append(hook_output(module, capture, f"{name}:out"))
             yield capture
@@ -86,3 +89,15 @@ class GenericLinearAdapter(FamilyAdapter):
     def forward(self, encoder: nn.Module, batch: Any) -> None:
         """Call the model on the batch."""
         encoder(batch)
+
+
+def _hook_channels_last(module: nn.Module, capture: Capture, space: str) -> torch.utils.hooks.RemovableHandle:
+    """Capture a channels-second output (GroupNorm: B x C x ...) with its channels last, as every point is."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        if output.ndim > 2:
+            # the features a GroupNorm's weight and bias act on are its channels (dim 1), not the last dim
+            output = output.movedim(1, -1).reshape(output.shape[0], -1, output.shape[1])
+        capture.put(space, output)
+
+    return module.register_forward_hook(hook)

@@ -49,6 +49,17 @@ def interpolate_tokens_2d(source: torch.Tensor, target_length: int) -> torch.Ten
     return torch.cat([cls, resized.reshape(batch, width, -1).transpose(1, 2)], dim=1)
 
 
+def _mean_over_tokens(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each example's mean token (B x N x d -> B x d), over its real tokens when `mask` fits its token count."""
+    if mask is None or mask.shape != tokens.shape[:2]:
+        return tokens.mean(1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    counts = weights.sum(1)
+    if bool((counts == 0).any()):
+        raise ValueError("an example has no real tokens (its mask is all padding); it has no mean token")
+    return (tokens * weights).sum(1) / counts
+
+
 def align_tokens(
     source: torch.Tensor,
     target: torch.Tensor,
@@ -57,14 +68,15 @@ def align_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Put source and target tokens in correspondence and return paired rows (N x d_A, N x d_B).
 
-    `mask` (B x N, true for real tokens) drops padding tokens; it needs equal token counts.
+    `mask` (B x N, true for real tokens) drops padding tokens (for `mean`, from each side whose token
+    count it fits); otherwise it needs equal token counts.
     """
     if source.shape[0] != target.shape[0]:
         raise ValueError(f"source and target batches differ in size: {source.shape[0]} vs {target.shape[0]}")
     if strategy not in TOKEN_ALIGNMENTS:
         raise ValueError(f"unknown token alignment {strategy!r}; choose one of {TOKEN_ALIGNMENTS}")
     if strategy == "mean":
-        return source.mean(1), target.mean(1)
+        return _mean_over_tokens(source, mask), _mean_over_tokens(target, mask)
     if source.shape[1] != target.shape[1]:
         if strategy == "none":
             raise ValueError(
