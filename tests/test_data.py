@@ -297,3 +297,53 @@ def test_a_test_split_named_validation_is_never_also_the_validation_split():
     assert set(splits["val"]["text"]) <= set(raw["train"]["text"]) and len(splits["train"]) + len(splits["val"]) == 40
     with pytest.raises(KeyError, match="both 'validation'"):
         standard_splits(raw, val_split="validation", test_split="validation")
+
+
+def test_a_long_premise_is_cut_so_the_hypothesis_stays_whole():
+    from theseus_transport.data.text import PairTokenizer
+    from theseus_transport.data.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("byt5-offline")
+    pair = PairTokenizer(tokenizer, 96, "premise: {premise} hypothesis: {hypothesis}")
+    premise = " ".join(["the committee approved the new rights last spring"] * 6)
+    encoded = pair.encode([{"premise": premise, "hypothesis": "the rights are new"}])
+    ids = encoded["input_ids"][0][encoded["attention_mask"][0].bool()]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(encoded["input_ids"][0]) == 96 and text.endswith("hypothesis: the rights are new")
+    assert text.startswith("premise: the committee approved")
+    short = pair.encode([{"premise": "a cat", "hypothesis": "an animal"}])  # fits: unchanged
+    assert tokenizer.decode(short["input_ids"][0], skip_special_tokens=True) == "premise: a cat hypothesis: an animal"
+
+
+def test_class_lists_come_from_every_split_before_limits_and_string_image_labels_work(tmp_path):
+    from theseus_transport.data import TextPairDataModule
+
+    def text_split(labels: list[str]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"premise": ["p"] * len(labels), "hypothesis": ["h"] * len(labels), "label": labels})
+
+    # "contradiction" is rare: a train_limit may leave it out of train, yet test holds it
+    raw = datasets.DatasetDict({"train": text_split(["entailment", "neutral"] * 6 + ["contradiction"]),
+                                "validation": text_split(["neutral", "entailment"]), "test": text_split(["contradiction", "neutral"])})
+    limited = TextPairDataModule.from_datasets(raw, name="rare", train_limit=3, batch_size=2)
+    assert limited.classnames == ["contradiction", "entailment", "neutral"]
+    assert [int(batch["labels"][0]) for batch in limited.test_dataloader()] == [0]
+
+    register_tiny_openclip(tmp_path, {"tt-data-strings": (16, 16)})
+    images = [Image.fromarray(np.full((16, 16, 3), value, dtype=np.uint8)) for value in (10, 200, 10, 200)]
+    image_raw = datasets.DatasetDict({name: datasets.Dataset.from_dict({"image": images, "label": ["cat", "dog", "cat", "dog"]},
+                                                                       features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")}))
+                                      for name in ("train", "validation", "test")})
+    data = ImageClassificationDataModule.from_datasets(image_raw, name="pets", model_name="tt-data-strings", batch_size=4,
+                                                       classnames=["dog", "cat"])
+    _, labels = next(iter(data.train_dataloader()))
+    assert data.classnames == ["dog", "cat"] and sorted(labels.tolist()) == [0, 0, 1, 1]
+
+
+def test_sixteen_bit_and_float_images_are_rescaled_not_clipped():
+    from theseus_transport.data.image import to_rgb_image
+
+    ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    converted = np.asarray(to_rgb_image(Image.fromarray(ramp)))
+    assert converted[..., 0].min() == 0 and converted[..., 0].max() == 255 and len(np.unique(converted[..., 0])) > 32
+    floats = np.asarray(to_rgb_image(np.full((4, 4, 3), 0.5, dtype=np.float32)))
+    assert (floats == 128).all()

@@ -124,6 +124,15 @@ class TaskDataModule(L.LightningDataModule):
     def _on_splits_ready(self, splits: dict[str, datasets.Dataset]) -> None:
         """Inspect columns and features once the splits exist."""
 
+    def _string_label_map(self, splits: dict[str, datasets.Dataset], names: list[str] | None) -> dict[str, int] | None:
+        """For a string label column: label -> index, by `names` if given, else the sorted labels of all splits."""
+        feature = splits["train"].features[self.label_column]
+        if not (isinstance(feature, datasets.Value) and feature.dtype == "string"):
+            return None
+        if names is None:
+            names = sorted({label for split in splits.values() for label in split[self.label_column]})
+        return {name: index for index, name in enumerate(names)}
+
     def _labels(self, dataset: datasets.Dataset) -> list[int]:
         """Return the integer labels of a split (for k-shot sampling), mapped through label_map if set."""
         labels = dataset[self.label_column]
@@ -186,8 +195,10 @@ class TaskDataModule(L.LightningDataModule):
             )
             splits = standard_splits(raw, val_fraction=self.val_fraction, seed=self.seed, **self._split_names())
             splits = {name: self._clean(split) for name, split in splits.items()}
-            splits = {name: limit(split, self.limits.get(name), seed=self.seed) for name, split in splits.items()}
+            # columns and the class list come from the whole splits: a train_limit must not drop a class
+            # (or, for string labels, renumber them) while test still holds it
             self._on_splits_ready(splits)
+            splits = {name: limit(split, self.limits.get(name), seed=self.seed) for name, split in splits.items()}
             self._splits = splits
         return self._splits
 

@@ -24,22 +24,48 @@ def to_rgb_image(value: Any) -> Image.Image:
     if isinstance(value, dict):
         value = datasets.Image().decode_example(value)
     if not isinstance(value, Image.Image):
-        value = Image.fromarray(np.asarray(value))
+        array = np.asarray(value)
+        if array.dtype.kind == "f":
+            # float arrays hold [0, 1] intensities (torchvision, matplotlib); PIL would clip them to 0 or 1
+            array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+        elif array.dtype.kind in "iu" and array.dtype.itemsize > 1:
+            array = _to_8bit(array, 65535.0 if array.dtype.itemsize == 2 else float(max(array.max(), 1)))
+        value = Image.fromarray(array)
+    if value.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # PIL's convert("RGB") clips these to 0..255 instead of rescaling: 16-bit scans came out near binary
+        array = np.asarray(value)
+        scale = 1.0 if value.mode == "F" and float(array.max(initial=0.0)) <= 1.0 else (
+            65535.0 if value.mode.startswith("I;16") or float(array.max(initial=0)) > 255 else 255.0)
+        value = Image.fromarray(_to_8bit(array, scale))
     return value if value.mode == "RGB" else value.convert("RGB")
+
+
+def _to_8bit(array: np.ndarray, full_scale: float) -> np.ndarray:
+    """Rescale intensities whose full scale is `full_scale` to 0..255 bytes."""
+    return np.clip(np.rint(array.astype(np.float64) * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+
+
+def _label(value: Any, label_map: dict[str, int] | None) -> int:
+    """A row's class index: through `label_map` for string labels."""
+    return int(label_map[value] if label_map is not None else value)
 
 
 class ImageLabelDataset(Dataset):
     """(preprocessed image, label) pairs over one HF split."""
 
-    def __init__(self, split: datasets.Dataset, image_column: str, label_column: str, transform: Callable) -> None:
+    def __init__(
+        self, split: datasets.Dataset, image_column: str, label_column: str, transform: Callable,
+        label_map: dict[str, int] | None = None,
+    ) -> None:
         self.split, self.image_column, self.label_column, self.transform = split, image_column, label_column, transform
+        self.label_map = label_map
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = self.split[int(index)]
-        return self.transform(to_rgb_image(row[self.image_column])), int(row[self.label_column])
+        return self.transform(to_rgb_image(row[self.image_column])), _label(row[self.label_column], self.label_map)
 
 
 class PairedImageDataset(Dataset):
@@ -52,9 +78,11 @@ class PairedImageDataset(Dataset):
         label_column: str,
         source_transform: Callable,
         target_transform: Callable,
+        label_map: dict[str, int] | None = None,
     ) -> None:
         self.split, self.image_column, self.label_column = split, image_column, label_column
         self.source_transform, self.target_transform = source_transform, target_transform
+        self.label_map = label_map
 
     def __len__(self) -> int:
         return len(self.split)
@@ -65,7 +93,7 @@ class PairedImageDataset(Dataset):
         return {
             "source": self.source_transform(image),
             "target": self.target_transform(image),
-            "label": int(row[self.label_column]),
+            "label": _label(row[self.label_column], self.label_map),
         }
 
 
@@ -150,6 +178,10 @@ class ImageClassificationDataModule(TaskDataModule):
             self._classnames = list(zoo_task.classnames)
         else:
             self._classnames = class_names_from_features(features, self.label_column)
+        # string labels ("cat", "dog"): numbered by the classnames override when given, else sorted
+        self.label_map = self._string_label_map(splits, self._classnames_override)
+        if self.label_map is not None and self._classnames is None:
+            self._classnames = list(self.label_map)
 
     # ----- transforms and datasets ---------------------------------------------------------------------
     def target_transform(self, train: bool = False) -> Callable:
@@ -159,7 +191,7 @@ class ImageClassificationDataModule(TaskDataModule):
     def _wrap(self, split: str) -> Dataset:
         splits = self._ensure_splits()
         transform = self.target_transform(train=split == "train")
-        return ImageLabelDataset(splits[split], self.image_column, self.label_column, transform)
+        return ImageLabelDataset(splits[split], self.image_column, self.label_column, transform, self.label_map)
 
     def _paired(
         self, split: datasets.Dataset, source_model_name: str | None, source_pretrained: str | None, **options: Any
@@ -176,5 +208,6 @@ class ImageClassificationDataModule(TaskDataModule):
             self.label_column,
             source_transform=openclip_image_transform(source_model_name, source_pretrained, train=False),
             target_transform=openclip_image_transform(self.model_name, self.pretrained, train=False),
+            label_map=self.label_map,
         )
         return paired, None

@@ -62,12 +62,35 @@ class PairTokenizer:
 
     def encode(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Tokenise rows through the text template; every sequence has exactly max_length tokens."""
-        texts = [self.template.format(premise=row["premise"], hypothesis=row["hypothesis"]) for row in rows]
+        texts = [self._fitted_text(row["premise"], row["hypothesis"]) for row in rows]
         # fixed-length padding keeps token positions of two tokenizers' outputs aligned for calibration
         encoded = self.tokenizer(
             texts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
         )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def _token_count(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def _fitted_text(self, premise: str, hypothesis: str) -> str:
+        """The templated pair, its premise cut by whole words when the pair would not fit in max_length.
+
+        Cutting the joined text from the end (the tokenizer's own truncation) dropped the hypothesis
+        whenever the premise was long, leaving nothing to classify; the hypothesis is kept whole unless
+        it alone does not fit.
+        """
+        text = self.template.format(premise=premise, hypothesis=hypothesis)
+        if self._token_count(text) <= self.max_length:
+            return text
+        words = premise.split()
+        kept, too_many = 0, len(words)  # the most premise words that fit: binary search
+        while kept + 1 < too_many:
+            middle = (kept + too_many) // 2
+            if self._token_count(self.template.format(premise=" ".join(words[:middle]), hypothesis=hypothesis)) <= self.max_length:
+                kept = middle
+            else:
+                too_many = middle
+        return self.template.format(premise=" ".join(words[:kept]), hypothesis=hypothesis)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.encode(rows)
@@ -167,11 +190,12 @@ class TextPairDataModule(TaskDataModule):
         if isinstance(feature, datasets.ClassLabel):
             self._classnames, self.label_map = list(feature.names), None
         elif isinstance(feature, datasets.Value) and feature.dtype == "string":
-            names = self.spec.label_names if self.spec and self.spec.label_names else sorted(set(splits["train"][self.label_column]))
-            self._classnames = list(names)
-            self.label_map = {name: index for index, name in enumerate(names)}
+            names = list(self.spec.label_names) if self.spec and self.spec.label_names else None
+            self.label_map = self._string_label_map(splits, names)
+            self._classnames = list(self.label_map)
         else:
-            self._classnames = [str(index) for index in range(int(max(splits["train"][self.label_column])) + 1)]
+            largest = max(int(max(split[self.label_column])) for split in splits.values() if len(split))
+            self._classnames = [str(index) for index in range(largest + 1)]
             self.label_map = None
 
     # ----- dataloaders ------------------------------------------------------------------------------------
