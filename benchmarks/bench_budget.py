@@ -77,15 +77,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     target = T5EncoderModel(T5Config(num_layers=args.layers, **scaled(TARGET_CONFIG, args.width_divisor))).eval()
     items = calibration(args.batches, args.batch_size, args.length, args.seed)
     groups_seen: list[list[str]] = []
-    original_plan_groups = engine.plan_groups
+    original_groups = engine._statistics_groups
 
-    def recording_plan_groups(space_bytes: dict[str, int], budget_bytes: int | None) -> list[list[str]]:
-        """Call the engine's plan_groups and remember the groups it made (one calibration pass each)."""
-        groups = original_plan_groups(space_bytes, budget_bytes)
+    def recording_groups(*args: Any, **kwargs: Any) -> list[list[str]]:
+        """Call the engine's grouping and remember its groups (one calibration pass each), derived points included."""
+        groups = original_groups(*args, **kwargs)
         groups_seen.extend(groups)
         return groups
 
-    engine.plan_groups = recording_plan_groups
+    engine._statistics_groups = recording_groups
     baseline = current_rss_bytes()
     started = time.perf_counter()
     if args.full_plan:
@@ -100,7 +100,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         names = list(stats)
         point_bytes = {s: stats[s].nbytes() for s in stats}
     seconds = time.perf_counter() - started
-    engine.plan_groups = original_plan_groups
+    engine._statistics_groups = original_groups
     groups = groups_seen or [names]
     return {
         "budget": args.budgets[0], "budget_bytes": budget, "passes": len(groups), "seconds": seconds,
