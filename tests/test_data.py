@@ -347,3 +347,14 @@ def test_sixteen_bit_and_float_images_are_rescaled_not_clipped():
     assert converted[..., 0].min() == 0 and converted[..., 0].max() == 255 and len(np.unique(converted[..., 0])) > 32
     floats = np.asarray(to_rgb_image(np.full((4, 4, 3), 0.5, dtype=np.float32)))
     assert (floats == 128).all()
+
+
+def test_the_label_column_is_the_class_label_named_like_labels():
+    from theseus_transport.data.sources import find_label_column
+
+    features = datasets.Features({"image": datasets.Image(), "domain": datasets.ClassLabel(names=["a", "b"]),
+                                  "label": datasets.ClassLabel(names=["cat", "dog", "bird"])})
+    assert find_label_column(features) == "label"
+    cifar = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(num_classes=100),
+                               "coarse_label": datasets.ClassLabel(num_classes=20)})
+    assert find_label_column(cifar) == "fine_label"

@@ -526,3 +526,9 @@ def test_generic_adapter_maps_group_norm_channels_on_an_exact_twin():
     result = transport(source, twin, vector, calibration, family=GenericLinearAdapter(), progress=False)
     for key in ("blocks.0.gn.weight", "blocks.0.gn.bias"):
         torch.testing.assert_close(result.task_vector[key], vector[key][perm], atol=1e-8, rtol=0)
+
+
+def test_interpolate2d_says_when_it_falls_back_to_1d():
+    with pytest.warns(UserWarning, match="falls back to 1-D"):
+        resized = interpolate_tokens_2d(torch.randn(1, 1 + 4 * 6, 3), 1 + 16)  # a 4 x 6 grid is not square
+    assert resized.shape == (1, 17, 3)

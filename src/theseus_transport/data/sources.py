@@ -81,10 +81,14 @@ def find_image_column(features: datasets.Features) -> str:
 
 
 def find_label_column(features: datasets.Features) -> str:
-    """Return the name of the label column: the first ClassLabel feature, else a conventional name."""
-    for name, feature in features.items():
-        if isinstance(feature, datasets.ClassLabel):
+    """Return the name of the label column: a ClassLabel feature (a conventional name first), else a conventional name."""
+    class_labels = [name for name, feature in features.items() if isinstance(feature, datasets.ClassLabel)]
+    # a dataset may carry other ClassLabel columns (a domain or split id) before its labels
+    for name in LABEL_COLUMN_NAMES:
+        if name in class_labels:
             return name
+    if class_labels:
+        return class_labels[0]
     for name in LABEL_COLUMN_NAMES:
         if name in features:
             return name

@@ -7,6 +7,7 @@ target's length, the target is never changed.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,13 @@ def interpolate_tokens_2d(source: torch.Tensor, target_length: int) -> torch.Ten
         return source
     source_side, target_side = _square_side(source_length - 1), _square_side(target_length - 1)
     if source_side is None or target_side is None:
-        # no CLS + square grid on both sides: treat the whole sequence as 1-D
+        # no CLS + square grid on both sides: treat the whole sequence as 1-D, and say so, since a
+        # rectangular grid or register tokens then pair tokens from different places in the image
+        warnings.warn(
+            f"token counts {source_length} and {target_length} are not both a CLS token plus a square grid; "
+            "interpolate2d falls back to 1-D resampling of the token sequence (token_alignment='interpolate')",
+            stacklevel=3,
+        )
         return _resample_1d(source, target_length)
     cls, patches = source[:, :1], source[:, 1:]
     batch, _, width = patches.shape
