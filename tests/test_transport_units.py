@@ -532,3 +532,13 @@ def test_interpolate2d_says_when_it_falls_back_to_1d():
     with pytest.warns(UserWarning, match="falls back to 1-D"):
         resized = interpolate_tokens_2d(torch.randn(1, 1 + 4 * 6, 3), 1 + 16)  # a 4 x 6 grid is not square
     assert resized.shape == (1, 17, 3)
+
+
+def test_alpha_is_applied_in_float64_before_the_one_cast():
+    source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
+    vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
+    half = {key: value.half() for key, value in vector.items()}
+    result = transport(source, target, half, pairs(2), alpha=0.3, progress=False)
+    exact, _, _ = result.plan.apply({key: value.double() for key, value in half.items()}, alpha=0.3)
+    assert all(result.task_vector[key].dtype == torch.float16 for key in result.task_vector)
+    assert all(torch.equal(result.task_vector[key], exact[key].half()) for key in exact)  # rounded once

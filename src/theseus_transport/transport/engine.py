@@ -866,8 +866,7 @@ def transport(
     if task_vector is None:
         task_vector = task_vector_from_models(adapter.encoder(source_base), adapter.encoder(source_finetuned))
     started = time.perf_counter()
-    transported, norms, skipped = plan.apply(task_vector, seed=seed)
-    scaled = {key: (value.to(torch.float64) * alpha).to(value.dtype) for key, value in transported.items()} if alpha != 1.0 else transported
+    scaled, norms, skipped = plan.apply(task_vector, seed=seed, alpha=alpha)
     timings = dict(context["timings"], apply_s=time.perf_counter() - started)
     alignment, update_alignment = {}, {}
     if held_out is not None:

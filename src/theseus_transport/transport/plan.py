@@ -93,9 +93,12 @@ class TransportPlan:
                 raise ValueError(f"task-vector key {key!r} contains NaN or Inf")
 
     def apply(
-        self, task_vector: Mapping[str, torch.Tensor], seed: int = 0, family: str | None = None
+        self, task_vector: Mapping[str, torch.Tensor], seed: int = 0, family: str | None = None, alpha: float = 1.0
     ) -> tuple[dict[str, torch.Tensor], list[KeyReport], dict[str, str]]:
-        """Transport a source task vector; return the target task vector, per-key norms and skipped keys."""
+        """Transport a source task vector, scaled by alpha; return the target task vector, per-key norms and skipped keys.
+
+        The norms are those of the unscaled transport; alpha is applied in float64 before the one cast.
+        """
         self.validate(task_vector, family)
         skipped: dict[str, str] = {}
         if self.layer_map is not None:
@@ -117,8 +120,8 @@ class TransportPlan:
             update = method.update(key, rule, delta.to(torch.float64), maps, target_shape, seed)
             if tuple(update.shape) != target_shape:
                 raise ShapeMismatchError(f"{key}: transported shape {tuple(update.shape)} != target {target_shape}")
-            # cast at the very end: everything up to here is float64
-            transported[key] = update.to(delta.dtype)
+            # cast at the very end: everything up to here, alpha included, is float64
+            transported[key] = (update * alpha if alpha != 1.0 else update).to(delta.dtype)
             norms.append(KeyReport(key, float(delta.to(torch.float64).norm()), float(update.norm())))
         return transported, norms, skipped
 
