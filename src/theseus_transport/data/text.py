@@ -62,7 +62,11 @@ class PairTokenizer:
 
     def encode(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Tokenise rows through the text template; every sequence has exactly max_length tokens."""
-        texts = [self._fitted_text(row["premise"], row["hypothesis"]) for row in rows]
+        texts = [self.template.format(premise=row["premise"], hypothesis=row["hypothesis"]) for row in rows]
+        # one tokenisation of the batch finds the pairs that do not fit; only those are cut and re-counted
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        texts = [text if length <= self.max_length else self._fitted_text(row["premise"], row["hypothesis"])
+                 for text, length, row in zip(texts, lengths, rows)]
         # fixed-length padding keeps token positions of two tokenizers' outputs aligned for calibration
         encoded = self.tokenizer(
             texts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
@@ -73,15 +77,12 @@ class PairTokenizer:
         return len(self.tokenizer(text)["input_ids"])
 
     def _fitted_text(self, premise: str, hypothesis: str) -> str:
-        """The templated pair, its premise cut by whole words when the pair would not fit in max_length.
+        """The templated pair of one that does not fit in max_length, its premise cut by whole words.
 
         Cutting the joined text from the end (the tokenizer's own truncation) dropped the hypothesis
         whenever the premise was long, leaving nothing to classify; the hypothesis is kept whole unless
         it alone does not fit.
         """
-        text = self.template.format(premise=premise, hypothesis=hypothesis)
-        if self._token_count(text) <= self.max_length:
-            return text
         words = premise.split()
         kept, too_many = 0, len(words)  # the most premise words that fit: binary search
         while kept + 1 < too_many:

@@ -101,9 +101,9 @@ def staged_writes(*finals: str | os.PathLike) -> Iterator[Callable[[str | os.Pat
     try:
         yield stage
         for final in map(Path, finals):
-            staged = staging.get(final.parent, final.parent) / final.name
-            if final.parent in staging and staged.exists():
-                os.replace(staged, final)
+            folder = staging.get(final.parent)
+            if folder is not None and (folder / final.name).exists():
+                os.replace(folder / final.name, final)
     finally:
         for folder in staging.values():
             shutil.rmtree(folder, ignore_errors=True)

@@ -391,10 +391,10 @@ def demo_outputs(settings: DemoSettings, output: Path) -> tuple[list[Path], list
     """The files and the run folders a demo with these settings writes under `output`."""
     files = [output / "results.json", output / "results.md", output / "plots" / "average.png"]
     runs: list[Path] = []
+    source, baselines, warms = _run_names(settings)
     for task in settings.tasks:
         vector = output / "task_vectors" / SOURCE_MODEL / f"{task}.safetensors"
         files += [vector, vector.with_suffix(".json"), output / "plots" / f"{task}.png"]
-        source, baselines, warms = _run_names(settings)
         runs += [output / "runs" / task / name for name in (source, *baselines, *warms)]
     return files, runs
 
