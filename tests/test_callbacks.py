@@ -10,6 +10,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import re
 from datetime import timedelta
+from typing import Any
 
 import datasets
 import lightning as L
@@ -336,7 +337,7 @@ def clip_pair(tmp_path_factory):
     return str(checkpoint), str(vector_path)
 
 
-def _colour_data() -> ImageClassificationDataModule:
+def _colour_data(**calibration: Any) -> ImageClassificationDataModule:
     rng = np.random.default_rng(0)
 
     def split(count: int) -> datasets.Dataset:
@@ -351,7 +352,7 @@ def _colour_data() -> ImageClassificationDataModule:
 
     raw = datasets.DatasetDict({"train": split(24), "val": split(12), "test": split(6)})
     return ImageClassificationDataModule.from_datasets(
-        raw, name="colours", model_name=CLIP_TARGET, batch_size=6, calibration_batch_size=6
+        raw, name="colours", model_name=CLIP_TARGET, batch_size=6, **{"calibration_batch_size": 6, **calibration}
     )
 
 
@@ -397,6 +398,27 @@ def test_image_classifier_fit_and_zero_shot_eval_get_the_transported_update(clip
     assert "val/acc" in trainer.callback_metrics and eval_theseus.state["applied"]
     trainer.test(zero_shot, datamodule=_colour_data(), verbose=False)  # already applied: not added twice
     _assert_close_states(snapshot_state(zero_shot.encoder), expected(zero_shot_base))
+
+
+def test_k_shot_calibration_reaches_the_callback(clip_pair, tmp_path):
+    """The paper's Table 3 protocol (k examples per class) is what the callback transports with."""
+    checkpoint, vector_path = clip_pair
+    shots = {"calibration_protocol": "shots", "calibration_shots": 2, "calibration_batch_size": 3}
+    reference = _colour_data(**shots)
+    reference.setup("fit")
+    calibration = list(reference.calibration_dataloader(source_model_name=CLIP_SOURCE, source_pretrained=checkpoint))
+    # 3 classes x 2 shots, one example of every class per batch
+    assert [sorted(batch["label"].tolist()) for batch in calibration] == [[0, 1, 2], [0, 1, 2]]
+    vector, _ = load_task_vector(vector_path)
+    direct = transport(load_base_encoder("openclip", CLIP_SOURCE, checkpoint), _clip_target().encoder, vector,
+                       calibration, family="openclip", progress=False)
+    module = _clip_target()
+    base = snapshot_state(module.encoder)
+    theseus = TheseusCallback(vector_path, CLIP_SOURCE, checkpoint, apply_on_eval=True)
+    _trainer(tmp_path, callbacks=[theseus], limit_val_batches=1).validate(module, datamodule=_colour_data(**shots), verbose=False)
+    assert theseus.state["calibration_batches_per_rank"] == 2
+    _assert_close_states(snapshot_state(module.encoder),
+                         {key: base[key] + direct.task_vector.get(key, torch.zeros_like(base[key])) for key in base})
 
 
 # ----- 8. held-out batches -------------------------------------------------------------------------------------------

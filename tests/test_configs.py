@@ -67,7 +67,7 @@ def test_generated_paper_configs_are_committed_and_up_to_date():
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
     assert generate.main(["--check"]) == 0
-    assert len(EXPERIMENTS) == 3 * 5 + 3 and len(VISION_TASKS) == 8 and len(TEXT_TASKS) == 5
+    assert len(EXPERIMENTS) == 4 * 5 + 3 and len(VISION_TASKS) == 8 and len(TEXT_TASKS) == 5
 
 
 @pytest.mark.parametrize("config", OFFLINE, ids=lambda path: path.stem)
@@ -121,7 +121,7 @@ def test_paper_experiments_chain_their_task_vectors():
     def theseus(config: dict) -> dict:
         return next(c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("TheseusCallback"))
 
-    for experiment in ("width", "reverse", "depth"):
+    for experiment in ("width", "reverse", "same_arch", "depth"):
         source = load(f"{experiment}/finetune_source.yaml")["model"]["init_args"]
         for run in ("warmstart", "zeroshot_theseus"):
             callback = theseus(load(f"{experiment}/{run}.yaml"))
@@ -134,6 +134,14 @@ def test_paper_experiments_chain_their_task_vectors():
     width = load("width/warmstart.yaml")["model"]["init_args"]
     assert (width["model_name"], width["pretrained"]) == ("ViT-B-16-plus-240", "laion400m_e32")
     assert load("depth/baseline.yaml")["model"]["init_args"]["model_name"] == "ViT-L-14"
+    # same architecture (Table 3): DataComp-XL -> LAION-2B ViT-B/16, calibrated with k shots per class, and
+    # its runs chain with the others (the source fine-tune is depth's, the target fine-tune is width's)
+    assert load("same_arch/finetune_source.yaml")["model"] == load("depth/finetune_source.yaml")["model"]
+    assert load("same_arch/baseline.yaml")["model"] == load("width/finetune_source.yaml")["model"]
+    for run in ("warmstart", "zeroshot_theseus"):
+        data = load(f"same_arch/{run}.yaml")["data"]["init_args"]
+        assert (data["calibration_protocol"], data["calibration_shots"]) == ("shots", 4)
+        assert "calibration_protocol" not in load(f"width/{run}.yaml")["data"]["init_args"]
     t5 = theseus(load("t5/probe_theseus.yaml"))
     assert t5["source_model"] == "google-t5/t5-3b"
     assert t5["task_vector"] == load("t5/finetune_source.yaml")["model"]["init_args"]["task_vector_out"]

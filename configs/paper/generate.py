@@ -31,6 +31,10 @@ FINETUNE = {"max_steps": 2000, "batch_size": 128, "lr": 1.0e-5, "weight_decay": 
 PROBE = {"max_steps": 2000, "batch_size": 128, "lr": 1.0e-3, "weight_decay": 0.0, "warmup_steps": 0}
 # Calibration (paper Sec. 4.1): batches of 32 training examples; the paper sweeps 1 to 50 batches.
 VISION_CALIBRATION = {"calibration_batches": 10, "calibration_batch_size": 32}
+# Sec. 4.3 / Table 3 (same architecture, after Rinaldi et al.): the "standard k-shot protocol", k labelled
+# training examples per class for the maps. The paper's k values are lost from its text extraction;
+# 4 is our default, a sweep sets --data.init_args.calibration_shots (e.g. 1 2 4 8 16).
+SHOTS_CALIBRATION = {"calibration_protocol": "shots", "calibration_shots": 4, "calibration_batch_size": 32}
 TEXT_CALIBRATION = {"calibration_batches": 20, "calibration_batch_size": 32}
 # Sec. 4.3: the probes get "the same data budget" as the maps (Table 2 sweeps 20 / 50 / 100 batches of
 # 32): each probe trains on as many training examples as the calibration uses. A sweep changes both,
@@ -69,6 +73,13 @@ VISION_EXPERIMENTS = {
         "source": ("ViT-B-16-plus-240", "laion400m_e32"),
         "target": ("ViT-B-16", "datacomp_xl_s13b_b90k"),
         "layer_map": None,
+    },
+    "same_arch": {
+        "title": "Same architecture (Sec. 4.3, Table 3): ViT-B/16 DataComp-XL -> ViT-B/16 LAION-2B, k-shot calibration",
+        "source": ("ViT-B-16", "datacomp_xl_s13b_b90k"),
+        "target": ("ViT-B-16", "laion2b_s34b_b88k"),
+        "layer_map": None,
+        "calibration": SHOTS_CALIBRATION,
     },
     "depth": {
         "title": "Width and depth (Sec. 4.4): ViT-B/16 DataComp-XL -> ViT-L/14 DataComp-XL, interpolated layers",
@@ -134,11 +145,13 @@ def _image_model(model: tuple[str, str], recipe: dict[str, Any] | None, task_vec
     return {"class_path": "theseus_transport.modules.ImageClassifier", "init_args": init_args}
 
 
-def _image_data(model: tuple[str, str], batch_size: int, calibration: bool) -> dict[str, Any]:
+def _image_data(
+    model: tuple[str, str], batch_size: int, calibration: bool, protocol: dict[str, Any] = VISION_CALIBRATION
+) -> dict[str, Any]:
     # no dataset here: it comes from the task file, and LightningCLI refuses to run without one
     init_args: dict[str, Any] = {"model_name": model[0], "pretrained": model[1], "batch_size": batch_size}
     if calibration:
-        init_args.update(VISION_CALIBRATION)
+        init_args.update(protocol)
     return {"class_path": "theseus_transport.data.ImageClassificationDataModule", "init_args": init_args}
 
 
@@ -146,6 +159,7 @@ def vision_experiment(name: str, spec: dict[str, Any]) -> dict[str, tuple[str, d
     """The five runs of one vision experiment: file name -> (usage comment, config)."""
     source, target = spec["source"], spec["target"]
     extra = {"layer_map": spec["layer_map"]} if spec["layer_map"] else {}
+    protocol = spec.get("calibration", VISION_CALIBRATION)
     tv_source, tv_target = vision_task_vector(source), vision_task_vector(target)
     theseus_fit = _theseus(tv_source, source, 1, **extra)
     theseus_eval = _theseus(tv_source, source, 1, **extra, apply_on_eval=True)
@@ -164,13 +178,13 @@ def vision_experiment(name: str, spec: dict[str, Any]) -> dict[str, tuple[str, d
             "test/validate: zero-shot accuracy of the target plus the transported source task vector "
             "(TheseusCallback apply_on_eval); run finetune_source first",
             {"trainer": _trainer(name, "zeroshot_theseus", False, None, [theseus_eval]),
-             "model": _image_model(target, None, None), "data": _image_data(target, 256, True)},
+             "model": _image_model(target, None, None), "data": _image_data(target, 256, True, protocol)},
         ),
         "warmstart": (
             "fit: fine-tune the target starting from pretrained + transported task vector (paper Fig. 3); "
             "run finetune_source first, compare with baseline via `theseus compare`",
             {"trainer": _trainer(name, "warmstart", True, FINETUNE, [theseus_fit, *_curves()]),
-             "model": _image_model(target, FINETUNE, None), "data": _image_data(target, FINETUNE["batch_size"], True)},
+             "model": _image_model(target, FINETUNE, None), "data": _image_data(target, FINETUNE["batch_size"], True, protocol)},
         ),
         "baseline": (
             f"fit: fine-tune the target from its pretrained weights (same recipe); writes {tv_target}",
