@@ -187,3 +187,77 @@ def test_embedding_stage_transport_recovers_the_twin_exactly(twin_setup):
     assert {"conv1.weight", "class_embedding", "positional_embedding"} <= set(default.report.skipped)
     with torch.no_grad():
         assert relative_error(apply_task_vector(copy.deepcopy(twin), default.task_vector)(images), reference) > 1e-3
+
+
+def _t5(vocab: int = 384, seed: int = 0) -> nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab, d_model=32, d_ff=64, num_heads=4, d_kv=8, num_layers=2, dropout_rate=0.0)
+    return T5EncoderModel(config).double().eval()
+
+
+def _permuted_t5_twin(model: nn.Module, seed: int = 1) -> tuple[nn.Module, torch.Tensor]:
+    """The same function with the residual stream's coordinates permuted (RMS norms commute with that)."""
+    permutation = torch.randperm(model.config.d_model, generator=torch.Generator().manual_seed(seed))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in twin.named_parameters():  # a tied table is listed once
+            if "relative_attention_bias" in name:
+                continue  # buckets x heads: no residual axis
+            if param.ndim == 1:
+                param.copy_(param[permutation])  # layer norm gains
+            elif name.endswith(("SelfAttention.o.weight", "DenseReluDense.wo.weight")):
+                param.copy_(param[permutation])  # they write the residual stream: rows
+            else:
+                param.copy_(param[:, permutation])  # token table, q, k, v, wi read it: columns
+    return twin, permutation
+
+
+def test_t5_embedding_transport_recovers_a_permuted_twin_exactly():
+    source = _t5()
+    twin, permutation = _permuted_t5_twin(source)
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 384, (8, 24), generator=generator) for _ in range(4)]
+    calibration = [{"source": {"input_ids": batch}, "target": {"input_ids": batch}} for batch in ids[:3]]
+
+    def run(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids[3]).last_hidden_state
+
+    # T5's RMS norm takes its variance in float32, so even the twin agrees to float32 rounding only
+    assert relative_error(run(twin), run(source)[..., permutation]) < 1e-6
+    task_vector = random_task_vector(source, lambda key: "relative_attention_bias" not in key, seed=5)
+    assert torch.equal(task_vector["shared.weight"], task_vector["encoder.embed_tokens.weight"])  # tied
+    reference = run(apply_task_vector(copy.deepcopy(source), task_vector))[..., permutation]
+    result = transport(source, twin, task_vector, calibration, transport_embeddings=True, progress=False)
+    assert not {"shared.weight", "encoder.embed_tokens.weight"} & set(result.report.skipped)
+    assert torch.allclose(result.task_vector["shared.weight"], task_vector["shared.weight"][:, permutation], atol=1e-10)
+    assert relative_error(run(apply_task_vector(copy.deepcopy(twin), result.task_vector)), reference) <= 1e-6
+    # by default (the paper) the token table is skipped and the output is off
+    default = transport(source, twin, task_vector, calibration, progress=False)
+    assert {"shared.weight", "encoder.embed_tokens.weight"} <= set(default.report.skipped)
+    assert relative_error(run(apply_task_vector(copy.deepcopy(twin), default.task_vector)), reference) > 1e-3
+
+
+def test_t5_embedding_transport_needs_one_vocabulary_and_a_family_that_has_it():
+    source, other_vocabulary = _t5(), _t5(vocab=400, seed=1)
+    task_vector = random_task_vector(source, lambda key: "relative_attention_bias" not in key, seed=5)
+    batch = {"input_ids": torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(0))}
+    result = transport(source, other_vocabulary, task_vector, [{"source": batch, "target": batch}] * 2,
+                       transport_embeddings=True, progress=False)
+    assert "vocabularies must be the same" in result.report.skipped["shared.weight"]
+    assert "shared.weight" not in result.task_vector  # a skipped key is left out: a zero update
+
+    class Net(nn.Module):  # the generic family has no embedding stage to transport
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.ModuleDict({"fc": nn.Linear(4, 4)})])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blocks[0]["fc"](x)
+
+    net = Net()
+    with pytest.raises(ValueError, match="no embedding-stage transport"):
+        transport(net, copy.deepcopy(net), {"blocks.0.fc.weight": torch.ones(4, 4)}, [(torch.ones(2, 3, 4),) * 2],
+                  family=GenericLinearAdapter(), transport_embeddings=True, progress=False)

@@ -454,13 +454,6 @@ def test_embedding_stage_transport_follows_the_token_grid_and_refuses_other_pixe
     assert result.task_vector["positional_embedding"].shape == (5, 48)
 
 
-def test_embedding_stage_transport_is_refused_for_t5():
-    source, target = tiny_t5(32, 64, 4, 0), tiny_t5(48, 96, 6, 1)
-    task_vector = random_task_vector(source, lambda key: "embed" not in key and "shared" not in key)
-    with pytest.raises(ValueError, match="no embedding-stage transport"):
-        transport(source, target, task_vector, t5_calibration(1), transport_embeddings=True, progress=False)
-
-
 def test_mistyped_openclip_names_are_unknown_names_not_downloads():
     from theseus_transport.families import load_openclip
 

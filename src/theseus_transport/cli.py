@@ -117,7 +117,8 @@ def _transport_parser(parser: argparse.ArgumentParser) -> None:
                         help="accumulate linear outputs' statistics from activations instead of deriving them "
                              "from their inputs' (slower; equal up to float rounding)")
     method.add_argument("--transport-embeddings", action="store_true",
-                        help="also transport the embedding stage (OpenCLIP patch/positional embedding, class token); "
+                        help="also transport the embedding stage (OpenCLIP patch/positional embedding, class token; T5 token "
+                             "embedding, one shared vocabulary); "
                              "beyond the paper, off by default")
     method.add_argument("--attention-maps", default="per_point", choices=["per_point", "heads"],
                         help="heads: q/k and v/context share maps that rotate matched heads onto each other, "

@@ -19,6 +19,8 @@ NOT_TRANSPORTED = {
     "shared.weight": "token embedding: indexed by token id, not a linear map between activations",
     "encoder.embed_tokens.weight": "token embedding (tied to shared.weight)",
 }
+# the embedding stage's output space (beyond the paper, DESIGN item 5; transport_embeddings=True)
+EMBEDDING_SPACE = "embed_tokens:out"
 RELATIVE_BIAS_REASON = "relative attention bias: per-head position table, not a linear map between activations"
 
 TINY_T5_CONFIGS: dict[str, dict[str, Any]] = {
@@ -106,6 +108,30 @@ class T5EncoderAdapter(FamilyAdapter):
             rules[key] = ParamRule(skip_reason=NOT_TRANSPORTED.get(key, "no transport rule for this parameter"))
         return rules
 
+    def embedding_rules(self, source: nn.Module, target: nn.Module) -> dict[str, ParamRule]:
+        """Rules for the token embedding (and its tied copy), whose rows live in the embedding output space.
+
+        Beyond the paper (DESIGN item 5 leaves it untransported): every row of the embedding table is a
+        vector of the space the first block reads (captured as `embed_tokens:out`), so that space's map
+        carries each token's row; the rows are matched by token id, which needs one vocabulary.
+        """
+        source_vocab = self._stack(source)[0].embed_tokens.num_embeddings
+        target_vocab = self._stack(target)[0].embed_tokens.num_embeddings
+        if source_vocab == target_vocab:
+            rule = ParamRule((Piece("token_rows", EMBEDDING_SPACE),))
+        else:
+            rule = ParamRule(skip_reason=(
+                f"token embedding: source vocabulary of {source_vocab} tokens and target vocabulary of "
+                f"{target_vocab} tokens; rows are matched by token id, so the vocabularies must be the same"))
+        return {key: rule for key in self._embedding_keys(source) | self._embedding_keys(target)}
+
+    def _embedding_keys(self, encoder: nn.Module) -> set[str]:
+        _, prefix = self._stack(encoder)
+        keys = {f"{prefix}embed_tokens.weight"}
+        if prefix:  # a T5EncoderModel also names the table `shared` (tied)
+            keys.add("shared.weight")
+        return keys & set(encoder.state_dict())
+
     def attention_layouts(self, encoder: nn.Module) -> list[AttentionLayout]:
         """q, k, v and the context (o's input) of every block's self-attention, with its heads."""
         layouts = []
@@ -152,6 +178,7 @@ class T5EncoderAdapter(FamilyAdapter):
                 handles.append(hook_input(dense.wo, capture, f"{f}.DenseReluDense.wo:in"))
             stack, prefix = self._stack(encoder)
             handles.append(hook_output(stack.final_layer_norm, capture, f"{prefix}final_layer_norm:out"))
+            handles.append(hook_output(stack.embed_tokens, capture, EMBEDDING_SPACE))
             yield capture
         finally:
             for handle in handles:

@@ -846,7 +846,8 @@ def transport(
     is used only to report activation cosine similarity before and after the maps. The returned
     task vector is already scaled by `alpha` and keyed like the target encoder's state dict.
     `transport_embeddings=True` also carries the embedding stage (OpenCLIP: patch embedding, class
-    token, positional embedding) through a map of the embedding sum: beyond the paper, off by default.
+    token, positional embedding, through a map of the embedding sum; T5: the token table's rows, through
+    a map of the embedding output, for one shared vocabulary): beyond the paper, off by default.
     `attention_maps='heads'` gives q and k one shared map, and v and the attention context another,
     each a rotation per matched (source head, target head) pair, so every matched head's attention
     logits are preserved (heads.py); beyond the paper ('per_point', the default, is DESIGN item 6).
