@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -100,14 +101,36 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, payload: dict[str, Any]) -> Path:
-    """Write `payload` (plus the load average at the end) to benchmarks/results/<name>.json."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def add_results_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --results (where the JSON goes) and --overwrite (replace an existing one) to a script's parser."""
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results JSON to write (default: benchmarks/results/<name>.json, the committed record)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+
+
+def results_path(name: str, args: argparse.Namespace, *companions: Path) -> Path:
+    """Where this run's JSON goes; refuses, before any work, to replace it (or a companion file) without --overwrite."""
+    path = Path(args.results) if args.results is not None else RESULTS_DIR / f"{name}.json"
+    taken = [p for p in (path, *companions) if p.exists()]
+    if taken and not args.overwrite:
+        # the committed files hold the figures the README quotes; a trial run must not replace them
+        raise SystemExit(f"{', '.join(map(str, taken))} exists: pass --results OTHER.json to write elsewhere, "
+                         "or --overwrite to replace it")
+    return path
+
+
+def companion_path(args: argparse.Namespace, default: Path, suffix: str) -> Path:
+    """Another output of a run (e.g. a plot): beside --results when given, else `default`."""
+    return Path(args.results).with_suffix(suffix) if args.results is not None else default
+
+
+def write_results(path: Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` (plus the load average at the end and the command line) as JSON to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload.setdefault("machine", {})["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     payload["command"] = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
-    path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"\nresults written to {path.relative_to(BENCH_DIR.parent)}")
+    print(f"\nresults written to {path}")
     return path
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import _common
 import torch
 from _common import (capture_spaces, current_rss_bytes, fmt_bytes, machine_info, peak_rss_bytes, run_child, table,
-                     write_results)
+                     write_results, add_results_arguments, results_path)
 
 SOURCE_CONFIG = dict(d_model=1024, d_ff=16384, num_heads=32, d_kv=128, feed_forward_proj="relu", vocab_size=32128)  # T5-3B
 TARGET_CONFIG = dict(d_model=1024, d_ff=4096, num_heads=16, d_kv=64, feed_forward_proj="relu", vocab_size=32128)  # T5-Large
@@ -124,10 +124,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full-plan", action="store_true", help="run build_plan (adds every SVD) instead of collect_statistics")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_results_arguments(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
+    out = results_path("bench_budget", args)
 
     info = machine_info("cpu")
     print("machine:", info)
@@ -148,7 +150,7 @@ def main() -> None:
              fmt_bytes(r["peak_rss"] - r["baseline_rss"]), f"{(r['peak_rss'] - r['baseline_rss']) / (first['peak_rss'] - first['baseline_rss']):.3f}",
              r["seconds"], f"{r['seconds'] / first['seconds']:.2f}"] for r in runs]
     print(table(["budget", "passes", "largest group", "RSS before", "peak RSS", "peak - before", "x first (memory)", "seconds", "x first (time)"], rows))
-    write_results("bench_budget", {"machine": info, "settings": vars(args), "runs": runs})
+    write_results(out, {"machine": info, "settings": vars(args), "runs": runs})
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import _common
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _common import capture_spaces, machine_info, table, write_results
+from _common import capture_spaces, machine_info, table, write_results, add_results_arguments, results_path
 from torch import nn
 
 
@@ -107,7 +107,11 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--port", type=int, default=29517)
     parser.add_argument("--seed", type=int, default=0)
+    add_results_arguments(parser)
     args = parser.parse_args()
+    if args.batches < args.world_size:
+        parser.error(f"--batches {args.batches} leaves a rank of {args.world_size} without calibration batches")
+    out = results_path("bench_ddp", args)
     torch.set_num_threads(1)
     info = machine_info("cpu") | {"torch_threads_per_process": 1}
     print("machine:", info)
@@ -138,7 +142,7 @@ def main() -> None:
           f" speed-up {speedup:.2f}x); per-rank CPU time / single = {max(r['cpu_seconds'] for r in ranks) / single['cpu_seconds']:.3f}")
     print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}: other processes on these {os.cpu_count()} cores slow the ranks' wall time")
     print(f"reduced vs single-process statistics: max abs diff {max_abs:.3e} (at {worst}), max relative {max_rel:.3e}")
-    write_results("bench_ddp", {
+    write_results(out, {
         "machine": info, "settings": vars(args), "single_seconds": single["seconds"],
         "rank_seconds": [r["seconds"] for r in ranks], "single_cpu_seconds": single["cpu_seconds"],
         "rank_cpu_seconds": [r["cpu_seconds"] for r in ranks],

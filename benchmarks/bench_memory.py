@@ -18,7 +18,7 @@ from typing import Any
 import _common
 import torch
 from _common import (current_rss_bytes, fmt_bytes, machine_info, paired_random_batches, peak_rss_bytes, run_child,
-                     table, write_results)
+                     table, write_results, add_results_arguments, results_path)
 
 
 def tower_kwargs(width: int, image_size: int, layers: int) -> dict[str, Any]:
@@ -63,10 +63,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: see README, shared 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_results_arguments(parser)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
+    out = results_path("bench_memory", args)
 
     info = machine_info("cpu")
     print("machine:", info)
@@ -92,7 +94,7 @@ def main() -> None:
     met = last["growth_vs_first"] <= 0.05
     print(f"\nRATIO peak RSS {last['batches']} / {first['batches']} batches = {last['peak_rss'] / first['peak_rss']:.3f}"
           f" (growth {last['growth_vs_first']:+.1%}; target <= +5 %: {'MET' if met else 'MISSED'})")
-    write_results("bench_memory", {"machine": info, "settings": vars(args), "runs": runs,
+    write_results(out, {"machine": info, "settings": vars(args), "runs": runs,
                                    "ratio_last_first": last["peak_rss"] / first["peak_rss"], "target_growth": 0.05, "target_met": met})
 
 

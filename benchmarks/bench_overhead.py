@@ -34,7 +34,8 @@ from typing import Any
 
 import _common
 import torch
-from _common import SectionTimer, machine_info, peak_rss_bytes, sync, table, write_results
+from _common import (SectionTimer, add_results_arguments, machine_info, peak_rss_bytes, results_path, sync, table,
+                     write_results)
 from torch import nn
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -159,7 +160,13 @@ def main() -> None:
     parser.add_argument("--derive", choices=["both", "on", "off"], default="both",
                         help="derive_linear_outputs of the transport: on, off, or both side by side in this run")
     parser.add_argument("--save-maps", default=None, help="torch.save the plan's maps and ranks here (to compare engines)")
+    add_results_arguments(parser)
     args = parser.parse_args()
+    name = f"bench_overhead_{args.preset}" if args.preset != "vit-b16" else "bench_overhead"
+    name += "_float32_products" if args.batch_products == "float32" else ""
+    # earlier sessions' files (one engine, every point captured) keep their names
+    name += "_derive_on_off" if args.derive == "both" else f"_derive_{args.derive}"
+    out = results_path(name, args)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -282,11 +289,7 @@ def main() -> None:
     if args.save_maps:
         torch.save({"maps": runs[primary_label][0].plan.maps, "ranks": runs[primary_label][0].report.ranks}, args.save_maps)
 
-    name = f"bench_overhead_{args.preset}" if args.preset != "vit-b16" else "bench_overhead"
-    name += "_float32_products" if args.batch_products == "float32" else ""
-    # earlier sessions' files (one engine, every point captured) keep their names
-    name += "_derive_on_off" if args.derive == "both" else f"_derive_{args.derive}"
-    write_results(name, {
+    write_results(out, {
         "machine": info,
         "settings": vars(args) | {"source_image_size": source_size, "target_image_size": target_size},
         "bare_seconds": bare, "bare_before_seconds": bare_before, "bare_after_seconds": bare_after,

@@ -16,11 +16,13 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import _common
 import torch
-from _common import BENCH_DIR, RESULTS_DIR, machine_info, paired_random_batches, table, write_results
+from _common import (BENCH_DIR, RESULTS_DIR, add_results_arguments, companion_path, machine_info,
+                     paired_random_batches, results_path, table, write_results)
 from torch import nn
 
 WIDTHS = {"tiny (ViT-Ti)": (192, 224), "small (ViT-S)": (384, 448), "base (ViT-B)": (768, 896)}
@@ -66,10 +68,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: see README, shared 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", action="store_true", help="only redraw scaling.png from results/bench_scaling.json")
+    add_results_arguments(parser)
     args = parser.parse_args()
     if args.replot:
-        plot(json.loads((RESULTS_DIR / "bench_scaling.json").read_text()))
+        plot(json.loads((RESULTS_DIR / "bench_scaling.json").read_text()), BENCH_DIR / "scaling.png")
         return
+    png = companion_path(args, BENCH_DIR / "scaling.png", ".png")
+    out = results_path("bench_scaling", args, png)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     info = machine_info("cpu")
@@ -110,12 +115,12 @@ def main() -> None:
 
     payload = {"machine": info, "settings": vars(args), "tokens": token_runs, "widths": width_runs,
                "statistics_token_exponent": token_slope, "width_exponents": width_slopes}
-    plot(payload)
-    write_results("bench_scaling", payload)
+    plot(payload, png)
+    write_results(out, payload)
 
 
-def plot(payload: dict[str, Any]) -> None:
-    """Save benchmarks/scaling.png (time vs tokens, time vs width) from a results payload."""
+def plot(payload: dict[str, Any], png: Path) -> None:
+    """Save the scaling plot (time vs tokens, time vs width) of a results payload to `png`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,9 +147,8 @@ def plot(payload: dict[str, Any]) -> None:
         axis.legend()
     figure.suptitle(f"theseus transport time, {info['cpu']}, torch threads {settings['threads']}, torch {info['torch']}", fontsize=9)
     figure.tight_layout()
-    png = BENCH_DIR / "scaling.png"
     figure.savefig(png, dpi=110)
-    print(f"plot saved to {png.relative_to(BENCH_DIR.parent)}")
+    print(f"plot saved to {png}")
 
 
 if __name__ == "__main__":
