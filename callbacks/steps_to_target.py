@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -42,11 +43,15 @@ class StepsToTarget(Callback):
         """Check the monitored metric after each validation run of a fit."""
         if self.reached_at is not None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is not None and self._reached(float(value)):
-            self.reached_at, self.optimizer_steps = logging_step(trainer), trainer.global_step
+        self.observe(trainer, trainer.callback_metrics, logging_step(trainer))
+
+    def observe(self, trainer: L.Trainer, metrics: Mapping[str, Any], step: int) -> None:
+        """Record ``step`` if ``metrics`` (a validation's results) reach the target first (ValidateAtStart's step 0, too)."""
+        value = metrics.get(self.monitor)
+        if self.reached_at is None and value is not None and self._reached(float(value)):
+            self.reached_at, self.optimizer_steps = step, trainer.global_step
             for logger in trainer.loggers:
-                logger.log_metrics({f"steps_to_target/{self.monitor}": float(self.reached_at)}, step=self.reached_at)
+                logger.log_metrics({f"steps_to_target/{self.monitor}": float(step)}, step=step)
 
     def state_dict(self) -> dict[str, Any]:
         """The step at which the target was reached (None if not yet)."""

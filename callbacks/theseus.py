@@ -23,7 +23,7 @@ from theseus_transport.transport import (
     transport,
 )
 from theseus_transport.transport.errors import CalibrationError
-from theseus_transport.transport.io import check_task_vector_source
+from theseus_transport.transport.io import check_task_vector_source, read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,13 @@ class TheseusCallback(Callback):
     # ----- what ---------------------------------------------------------------------------------------------
     def resolved_task_vector(self, trainer: L.Trainer) -> Path:
         """The task-vector path with ``{task}`` replaced by the datamodule's task name."""
+        return self.task_vector_for(trainer.datamodule)
+
+    def task_vector_for(self, datamodule: Any) -> Path:
+        """The task-vector path with ``{task}`` replaced by this datamodule's task name."""
         path = str(self.task_vector_path)
         if TASK_PLACEHOLDER in path:
-            task = getattr(trainer.datamodule, "task_name", None)
+            task = getattr(datamodule, "task_name", None)
             if not task:
                 raise CalibrationError(f"task_vector {path!r} names {TASK_PLACEHOLDER} but the datamodule has no task_name")
             path = path.replace(TASK_PLACEHOLDER, task)
@@ -226,13 +230,27 @@ class TheseusCallback(Callback):
             source_model_name=self.source_model, source_pretrained=self.source_pretrained, batches=self.held_out_batches
         )
 
+    def _check_sidecar(self, info: dict[str, Any], path: Path, family: str | None) -> None:
+        if info.get("family") not in (None, family):
+            raise FamilyMismatchError(f"{path} is a {info.get('family')!r} task vector; the module is {family!r}")
+        check_task_vector_source(info, self.source_model, self.source_pretrained, path)
+
+    def preflight(self, module: L.LightningModule, datamodule: Any, stage: str, resuming: bool = False) -> None:
+        """Check, before a run writes anything, that the task vector it will transport exists and suits this source.
+
+        The CLI calls this before Lightning saves the run's config, so a missing or mismatched task vector
+        does not leave a log folder behind that refuses the corrected rerun.
+        """
+        if (stage == "fit" and resuming) or (stage != "fit" and not self.apply_on_eval):
+            return  # nothing will be transported
+        path = self.task_vector_for(datamodule)
+        self._check_sidecar(read_sidecar(path), path, getattr(module, "family", None))
+
     def _transport_and_apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         family = getattr(pl_module, "family", None)
         path = self.resolved_task_vector(trainer)
         task_vector, info = load_task_vector(path)
-        if info.get("family") not in (None, family):
-            raise FamilyMismatchError(f"{path} is a {info.get('family')!r} task vector; the module is {family!r}")
-        check_task_vector_source(info, self.source_model, self.source_pretrained, path)
+        self._check_sidecar(info, path, family)
         world_size, rank = trainer.world_size, trainer.global_rank
         device = trainer.strategy.root_device
         source = load_base_encoder(family, self.source_model, self.source_pretrained, device="cpu").to(device)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from .steps_to_target import StepsToTarget
+
 
 class ValidateAtStart(Callback):
     """Logs `val/loss` and `val/acc` at step 0 so convergence curves start where training starts.
@@ -31,18 +33,28 @@ class ValidateAtStart(Callback):
         # the same batches and the same loss as the validation loop, so step 0 sits on the curve
         batches = _batch_limit(trainer.limit_val_batches, len(loader))
         total_loss, correct, count = 0.0, 0, 0
-        for index, batch in enumerate(loader):
-            if index >= batches:
-                break
-            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            loss, right = _evaluate(pl_module, batch)
-            total_loss += float(loss) * len(right)
-            correct += int(right.sum())
-            count += len(right)
+        precision = trainer.precision_plugin
+        # the validation loop's precision: autocast for "-mixed", inputs cast for a "-true" (half) model
+        with precision.val_step_context():
+            for index, batch in enumerate(loader):
+                if index >= batches:
+                    break
+                batch = precision.convert_input(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+                loss, right = _evaluate(pl_module, batch)
+                total_loss += float(loss) * len(right)
+                correct += int(right.sum())
+                count += len(right)
         pl_module.train(was_training)
-        if count and trainer.is_global_zero:
+        if not count:
+            return
+        metrics = {self.loss_tag: total_loss / count, self.accuracy_tag: correct / count}
+        if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({self.loss_tag: total_loss / count, self.accuracy_tag: correct / count}, step=0)
+                logger.log_metrics(metrics, step=0)
+        # a start that is already at the target counts as reached at step 0, as `theseus compare` reads it
+        for callback in trainer.callbacks:
+            if isinstance(callback, StepsToTarget):
+                callback.observe(trainer, metrics, step=0)
 
 
 def _batch_limit(limit: int | float | None, available: int) -> int:

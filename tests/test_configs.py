@@ -197,12 +197,19 @@ def test_real_datasets_fail_with_offline_error_naming_them(empty_caches, tiny_vi
 def test_offline_t5_configs_run_source_finetune_then_transported_linear_probe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write task_vectors/ and outputs/ relative to the working directory
     quick = ["--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    probe = ["--data.init_args.calibration_batches", "1", "--trainer.enable_checkpointing", "false"]
+    # the probe before its task vector exists: refused before Lightning writes the run's folder, so the
+    # rerun below gets version_0 (with a pinned version, as in the paper configs, it would be refused)
+    assert main(["fit", "--config", str(CONFIGS / "offline/t5_linear_probe.yaml"), *quick, *probe]) == 1
+    assert not (tmp_path / "outputs/offline/t5_linear_probe").exists()
     assert main(["fit", "--config", str(CONFIGS / "offline/t5_finetune_source.yaml"), *quick]) == 0
     vector, sidecar = load_task_vector(tmp_path / "task_vectors/t5-tiny-offline/objects.safetensors")
     assert sidecar["model"] == "t5-tiny-offline" and sidecar["task"] == "objects" and sidecar["steps"] == 2
     assert any(float(value.abs().max()) > 0 for value in vector.values())
+    # a second fine-tune would replace that task vector: refused, again before any folder is made
+    assert main(["fit", "--config", str(CONFIGS / "offline/t5_finetune_source.yaml"), *quick]) == 1
+    assert sorted(path.name for path in (tmp_path / "outputs/offline/t5_finetune_source").iterdir()) == ["version_0"]
 
-    probe = ["--data.init_args.calibration_batches", "1", "--trainer.enable_checkpointing", "false"]
     assert main(["fit", "--config", str(CONFIGS / "offline/t5_linear_probe.yaml"), *quick, *probe]) == 0
     run = tmp_path / "outputs/offline/t5_linear_probe/version_0"
     report = json.loads((run / "theseus_report.json").read_text())

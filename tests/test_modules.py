@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from theseus_transport.callbacks import ValidateAtStart
+from theseus_transport.callbacks import StepsToTarget, ValidateAtStart
 from theseus_transport.data import ImageClassificationDataModule, TextPairDataModule
 from theseus_transport.modules import (
     NearDuplicateClassesWarning,
@@ -368,6 +368,46 @@ def test_validate_at_start_logs_what_the_validation_loop_would_at_step_zero():
     assert step == 0
     assert metrics["val/loss"] == pytest.approx(reference["val/loss"], rel=1e-5)
     assert metrics["val/acc"] == pytest.approx(reference["val/acc"])
+
+
+def test_step_zero_counts_for_steps_to_target():
+    L.seed_everything(5)
+    module = TextClassifier("t5-tiny-offline", num_classes=2)
+    logger = RecordingLogger()
+    reached = StepsToTarget(monitor="val/acc", target=0.0)  # any start reaches it: at step 0
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=logger, limit_val_batches=1, val_check_interval=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[ValidateAtStart(), reached])
+    trainer.fit(module, datamodule=text_data(max_length=48, batch_size=8))
+    assert reached.reached_at == 0 and reached.optimizer_steps == 0
+    assert [step for step, metrics in logger.logged if "steps_to_target/val/acc" in metrics] == [0]
+
+
+def test_a_true_half_precision_fit_writes_only_what_training_changed(tmp_path):
+    # bf16-true casts the encoder after the module took its pretrained snapshot; the cast is the
+    # start, not part of the update (a fit that learns nothing must write a zero vector)
+    L.seed_everything(5)
+    out = tmp_path / "bf16.safetensors"
+    module = TextClassifier("t5-tiny-offline", num_classes=2, lr=0.0, warmup_steps=0, task_vector_out=str(out))
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, precision="bf16-true", logger=RecordingLogger(),
+                        limit_val_batches=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[ValidateAtStart()])
+    trainer.fit(module, datamodule=text_data(max_length=48, batch_size=8))  # step 0 evaluates in bf16 too
+    assert next(module.encoder.parameters()).dtype == torch.bfloat16
+    vector, _ = load_task_vector(out)
+    assert vector and all(not value.any() for value in vector.values())
+
+
+def test_validate_at_start_evaluates_in_the_run_s_precision(colours):
+    # an image module under bf16-true: pixels must be cast like the validation loop casts them
+    data = _image_data(colours)
+    module = ImageClassifier(TINY, None, head="zeroshot", warmup_steps=0)
+    logger = RecordingLogger()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-true", logger=logger, limit_val_batches=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[ValidateAtStart()])
+    trainer.fit(module, datamodule=data)
+    assert [step for step, metrics in logger.logged if "val/acc" in metrics] == [0]
 
 
 def test_predict_returns_each_test_example_s_class_and_probabilities():

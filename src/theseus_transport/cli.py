@@ -52,6 +52,30 @@ def lightning_main(args: list[str] | None = None) -> None:
                     raise
                 raise cause from error
 
+        def _preflight(self, stage: str) -> None:
+            # checks that need no model run, made before Lightning saves the run's config.yaml: a run
+            # refused here leaves no log folder behind that would refuse the corrected rerun
+            ckpt_path = self.config.get(self.subcommand, {}).get("ckpt_path")
+            for callback in self.trainer.callbacks:
+                check = getattr(callback, "preflight", None)
+                if callable(check):
+                    check(self.model, self.datamodule, stage, resuming=ckpt_path is not None)
+            check = getattr(self.model, "preflight", None)
+            if callable(check):
+                check(self.datamodule, stage)
+
+        def before_fit(self) -> None:
+            self._preflight("fit")
+
+        def before_validate(self) -> None:
+            self._preflight("validate")
+
+        def before_test(self) -> None:
+            self._preflight("test")
+
+        def before_predict(self) -> None:
+            self._preflight("predict")
+
     TheseusCLI(
         L.LightningModule,
         L.LightningDataModule,

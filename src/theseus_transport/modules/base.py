@@ -167,11 +167,12 @@ class EncoderClassifier(L.LightningModule):
         """Current encoder minus the pretrained encoder snapshot taken at construction."""
         return task_vector_from(self.encoder, self.base_state)
 
-    def resolved_task_name(self) -> str:
-        """Task name for sidecars: the argument, else the datamodule's, else "unknown"."""
+    def resolved_task_name(self, datamodule: Any | None = None) -> str:
+        """Task name for sidecars: the argument, else the datamodule's (the trainer's by default), else "unknown"."""
         if self.task_name:
             return self.task_name
-        return getattr(self._datamodule(), "task_name", None) or "unknown"
+        datamodule = datamodule if datamodule is not None else self._datamodule()
+        return getattr(datamodule, "task_name", None) or "unknown"
 
     def task_vector_metadata(self) -> dict[str, Any]:
         """Sidecar metadata: family, model, pretrained, task, encoder, seed, steps and the recipe."""
@@ -191,11 +192,17 @@ class EncoderClassifier(L.LightningModule):
             "freeze_encoder": self.freeze_encoder,
         }
 
-    def resolved_task_vector_out(self) -> Path | None:
+    def resolved_task_vector_out(self, datamodule: Any | None = None) -> Path | None:
         """task_vector_out with ``{task}`` replaced by the task name (one config serves every task)."""
         if self.task_vector_out is None:
             return None
-        return Path(str(self.task_vector_out).replace("{task}", self.resolved_task_name()))
+        return Path(str(self.task_vector_out).replace("{task}", self.resolved_task_name(datamodule)))
+
+    def preflight(self, datamodule: Any, stage: str) -> None:
+        """Refuse, before a run writes anything, a fit whose task vector output is taken or cannot be a file."""
+        path = self.resolved_task_vector_out(datamodule) if stage == "fit" else None
+        if path is not None:
+            check_writable(check_tensor_path(path), sidecar_path(path), overwrite=self.overwrite)
 
     def on_fit_start(self) -> None:
         """Put the model in training mode and refuse an existing task_vector_out before training."""

@@ -23,12 +23,20 @@ def snapshot_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def task_vector_from(module: nn.Module, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The module's current floating-point state minus ``base``, key by key (keys of ``base``)."""
+    """The module's current floating-point state minus ``base``, key by key (keys of ``base``), in base's dtypes.
+
+    A module trained in lower precision than its snapshot (Lightning's ``bf16-true`` casts it after the
+    snapshot) started from the base rounded to its dtype, so that rounding is the start, not part of the update.
+    """
     now = module.state_dict()
     missing = sorted(set(base) - set(now))
     if missing:
         raise KeyError(f"base snapshot has keys the module lacks: {missing[:5]}")
-    return {key: now[key].detach().to("cpu", base[key].dtype) - base[key] for key in base}
+    vector = {}
+    for key, start in base.items():
+        current = now[key].detach().to("cpu")
+        vector[key] = current.to(start.dtype) - start.to(current.dtype).to(start.dtype)
+    return vector
 
 
 def write_task_vector(

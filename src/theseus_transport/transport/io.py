@@ -203,10 +203,11 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CorruptFileError(f"{path} is not a readable safetensors file (corrupt or truncated): {error}") from error
 
 
-def load_task_vector(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a task vector and its sidecar, checking the sidecar's sha256 against the tensors."""
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """Read the JSON sidecar of a tensor file (without loading the tensors); FileNotFoundError if the file is missing."""
     path = Path(path)
-    tensors = load_tensors(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
         raise CorruptFileError(f"{path} has no sidecar {sidecar}; task vectors are saved with save_task_vector")
@@ -216,6 +217,14 @@ def load_task_vector(path: str | os.PathLike, verify: bool = True) -> tuple[dict
         raise CorruptFileError(f"sidecar {sidecar} is not valid JSON: {error}") from error
     if not isinstance(info, dict):
         raise CorruptFileError(f"sidecar {sidecar} holds a JSON {type(info).__name__}, not the object save_task_vector writes")
+    return info
+
+
+def load_task_vector(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a task vector and its sidecar, checking the sidecar's sha256 against the tensors."""
+    path = Path(path)
+    tensors = load_tensors(path)
+    info = read_sidecar(path)
     if verify:
         actual = tensors_sha256(tensors)
         if info.get("sha256") != actual:
