@@ -185,9 +185,10 @@ def known_families() -> list[str]:
 
 
 def detect_family(encoder: nn.Module) -> FamilyAdapter:
-    """Return the adapter of the first registered family that handles `encoder`."""
+    """Return the adapter of the first registered family that handles `encoder` (or the encoder inside it)."""
     for name in sorted(_REGISTRY):
         adapter = _REGISTRY[name]()
-        if adapter.matches(encoder):
+        # a whole model (a T5ForConditionalGeneration, a CLIP) is recognised by the encoder the adapter takes from it
+        if adapter.matches(encoder) or adapter.matches(adapter.encoder(encoder)):
             return adapter
     raise UnknownNameError(f"no registered family handles {type(encoder).__name__}; known families: {sorted(_REGISTRY)}")

@@ -19,6 +19,8 @@ NOT_TRANSPORTED = {
     "shared.weight": "token embedding: indexed by token id, not a linear map between activations",
     "encoder.embed_tokens.weight": "token embedding (tied to shared.weight)",
 }
+ENCODER_MODELS = frozenset({"T5EncoderModel", "MT5EncoderModel", "UMT5EncoderModel"})
+ENCODER_STACKS = frozenset({"T5Stack", "MT5Stack", "UMT5Stack"})
 # the embedding stage's output space (beyond the paper, DESIGN item 5; transport_embeddings=True)
 EMBEDDING_SPACE = "embed_tokens:out"
 RELATIVE_BIAS_REASON = "relative attention bias: per-head position table, not a linear map between activations"
@@ -37,16 +39,15 @@ class T5EncoderAdapter(FamilyAdapter):
     default_token_alignment = "none"
 
     def encoder(self, model: nn.Module) -> nn.Module:
-        """Return a T5EncoderModel as is, or the encoder stack of a full T5 model."""
-        from transformers import T5EncoderModel
-
-        if isinstance(model, T5EncoderModel):
-            return model
+        """Return an encoder model (T5 / mT5 / umT5 EncoderModel) as is, or the encoder stack of a full T5 model."""
+        if type(model).__name__ in ENCODER_MODELS:
+            return model  # its keys keep the `encoder.` prefix its fine-tunes are saved with
         return model.get_encoder() if hasattr(model, "get_encoder") else model
 
     def matches(self, encoder: nn.Module) -> bool:
-        """Whether `encoder` is a transformers T5 encoder."""
-        return type(encoder).__name__ in {"T5EncoderModel", "T5Stack", "MT5EncoderModel", "UMT5EncoderModel"}
+        """Whether `encoder` is a transformers T5-family encoder (a decoder stack is not)."""
+        name = type(encoder).__name__
+        return name in ENCODER_MODELS or (name in ENCODER_STACKS and not getattr(encoder, "is_decoder", False))
 
     def _stack(self, encoder: nn.Module) -> tuple[nn.Module, str]:
         if hasattr(encoder, "encoder") and hasattr(encoder.encoder, "block"):
