@@ -197,6 +197,33 @@ def test_t5_depth_expansion_transport():
     assert torch.isfinite(after).all() and not torch.allclose(before, after)
 
 
+def test_t5_layer_maps_keep_the_relative_bias_in_the_first_block_whatever_they_blend():
+    from theseus_transport.families.t5 import T5EncoderAdapter
+    from theseus_transport.transport import expand_module
+
+    source = tiny_t5(32, 64, 4, 0, layers=4)
+    blocks, prefix = T5EncoderAdapter().blocks(source), T5EncoderAdapter().block_prefix(source)
+    bias = "layer.0.SelfAttention.relative_attention_bias.weight"
+    source_bias = source.state_dict()[f"{prefix}.0.{bias}"]
+    # odd blocks only: target block 0 blends nothing of block 0, yet it is the block that computes the position bias
+    odd = expand_module(source, blocks, prefix, LayerMap((((1, 1.0),), ((3, 1.0),))))
+    state = odd.state_dict()
+    assert torch.equal(state[f"{prefix}.0.{bias}"], source_bias) and f"{prefix}.1.{bias}" not in state
+    assert torch.equal(state[f"{prefix}.1.layer.1.DenseReluDense.wo.weight"], source.state_dict()[f"{prefix}.3.layer.1.DenseReluDense.wo.weight"])
+    # a blend is the same whichever order its blocks are listed in (one order used to crash)
+    forward = expand_module(source, blocks, prefix, LayerMap((((0, 0.5), (1, 0.5)), ((1, 0.5), (0, 0.5)))))
+    backward = expand_module(source, blocks, prefix, LayerMap((((1, 0.5), (0, 0.5)), ((0, 0.5), (1, 0.5)))))
+    assert forward.state_dict().keys() == backward.state_dict().keys()
+    assert all(torch.equal(value, backward.state_dict()[key]) for key, value in forward.state_dict().items())
+    assert f"{prefix}.1.{bias}" not in forward.state_dict()  # only the first block owns it
+    # through the engine: no skipped key that neither model has
+    deep = tiny_t5(48, 96, 6, 1, layers=2)
+    task_vector = random_task_vector(source, lambda key: "embed" not in key and "shared" not in key)
+    result = transport(source, deep, task_vector, t5_calibration(), layer_map=LayerMap((((1, 1.0),), ((3, 1.0),))),
+                       progress=False)
+    assert set(result.report.skipped) <= set(source.state_dict()) | set(deep.state_dict())
+
+
 def test_bitwise_deterministic_on_cpu():
     source, target = tiny_vit(width=32), tiny_vit(width=48, heads=6, seed=1)
     task_vector = random_task_vector(source, lambda key: not key.startswith(NOT_TRANSPORTED))
@@ -265,9 +292,14 @@ def test_layer_map_interpolation_is_the_paper_rule():
     update = {"blocks.0.w": torch.tensor([2.0])}
     sparse = expand_state_dict(update, "blocks", LayerMap.interpolated(2, 4), reference_keys=state)
     assert [float(sparse[f"blocks.{i}.w"]) for i in range(2)] == [2.0, 1.0] and "blocks.2.w" not in sparse
-    # a parameter only some blocks have (T5's relative attention bias) is blended over those blocks
+    # a parameter only the first block has (T5's relative attention bias) stays the first block's
     only_first = {"blocks.0.bias": torch.tensor([4.0]), "blocks.0.w": torch.tensor([0.0]), "blocks.1.w": torch.tensor([2.0])}
-    assert float(expand_state_dict(only_first, "blocks", LayerMap.interpolated(2, 4))["blocks.1.bias"]) == 4.0
+    expanded = expand_state_dict(only_first, "blocks", LayerMap.interpolated(2, 4))
+    assert float(expanded["blocks.0.bias"]) == 4.0 and not {"blocks.1.bias", "blocks.2.bias", "blocks.3.bias"} & set(expanded)
+    # one that some later blocks have is blended over those blocks
+    some = {"blocks.0.w": torch.tensor([0.0]), "blocks.1.w": torch.tensor([2.0]), "blocks.1.extra": torch.tensor([6.0]),
+            "blocks.2.w": torch.tensor([4.0])}
+    assert float(expand_state_dict(some, "blocks", LayerMap((((1, 0.5), (2, 0.5)),)))["blocks.0.extra"]) == 6.0
 
 
 def test_depth_expansion_transport():

@@ -229,6 +229,6 @@ def load_task_vector(path: str | os.PathLike, verify: bool = True) -> tuple[dict
         actual = tensors_sha256(tensors)
         if info.get("sha256") != actual:
             raise HashMismatchError(
-                f"{path}: tensors hash to {actual} but sidecar {sidecar.name} records {info.get('sha256')}"
+                f"{path}: tensors hash to {actual} but sidecar {sidecar_path(path).name} records {info.get('sha256')}"
             )
     return tensors, info

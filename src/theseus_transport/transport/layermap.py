@@ -75,10 +75,12 @@ def expand_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Return a state dict (or task vector) whose blocks follow `layer_map`; other keys unchanged.
 
-    A parameter that only some source blocks have (T5's relative attention bias, block 0 only) is
-    blended over the blocks that have it. For a task vector pass the source model's keys as
-    `reference_keys`: a key the model has but the vector lacks is then a zero update, weighted as
-    such, not a block left out of the blend.
+    A parameter that only the first block has (T5's relative attention bias: block 0 computes the
+    position bias every later block reuses) stays a first-block parameter: target block 0 takes it
+    from source block 0, whatever blocks it blends, and no other target block gets it. Another
+    parameter that only some source blocks have is blended over the blocks that have it. For a task
+    vector pass the source model's keys as `reference_keys`: a key the model has but the vector lacks
+    is then a zero update, weighted as such, not a block left out of the blend.
     """
     pattern = _block_pattern(block_prefix)
     per_block: dict[int, dict[str, torch.Tensor]] = {}
@@ -90,8 +92,12 @@ def expand_state_dict(
         else:
             expanded[key] = value
     has_parameter = _block_names(reference_keys if reference_keys is not None else state, pattern)
+    first_only = first_block_names(has_parameter)
     for target_index, combination in enumerate(layer_map.sources):
-        names = set().union(*(per_block.get(source, {}).keys() for source, _ in combination))
+        names = set().union(*(per_block.get(source, {}).keys() for source, _ in combination)) - first_only
+        if target_index == 0:
+            for name in sorted(first_only & per_block.get(0, {}).keys()):
+                expanded[f"{block_prefix}.0.{name}"] = per_block[0][name].clone()
         for name in sorted(names):
             parts = [(per_block[source][name], weight) for source, weight in combination if name in per_block.get(source, {})]
             if not parts[0][0].is_floating_point():
@@ -103,6 +109,12 @@ def expand_state_dict(
             total = sum(tensor.to(torch.float64) * (weight / weight_sum) for tensor, weight in parts)
             expanded[f"{block_prefix}.{target_index}.{name}"] = total.to(parts[0][0].dtype)
     return expanded
+
+
+def first_block_names(names: Mapping[int, set[str]]) -> set[str]:
+    """Parameter names that block 0 has and no other block has (T5's relative attention bias)."""
+    others = [block_names for index, block_names in names.items() if index != 0]
+    return set(names.get(0, set())) - set().union(*others) if others else set()
 
 
 def _block_names(keys: Collection[str], pattern: re.Pattern) -> dict[int, set[str]]:
@@ -125,7 +137,16 @@ def unmapped_block_keys(keys: Collection[str], block_prefix: str, layer_map: Lay
 def expand_module(encoder: nn.Module, blocks: nn.ModuleList, block_prefix: str, layer_map: LayerMap) -> nn.Module:
     """Return a deep copy of `encoder` with its blocks replaced as `layer_map` says."""
     expanded = copy.deepcopy(encoder)
-    new_blocks = nn.ModuleList(copy.deepcopy(blocks[combination[0][0]]) for combination in layer_map.sources)
+    # each target block is built like the source block of its position: block 0 like block 0 (with any
+    # first-block-only parameter), later blocks like a later block, whatever blocks their weights blend
+    later = [index for index in range(1, len(blocks))]
+
+    def template(target_index: int, combination: tuple[tuple[int, float], ...]) -> nn.Module:
+        if target_index == 0 or not later:
+            return blocks[0]
+        return blocks[next((source for source, _ in combination if source != 0), later[0])]
+
+    new_blocks = nn.ModuleList(copy.deepcopy(template(t, combination)) for t, combination in enumerate(layer_map.sources))
     owner_path, _, attr = block_prefix.rpartition(".")
     owner = expanded.get_submodule(owner_path) if owner_path else expanded
     setattr(owner, attr, new_blocks)
