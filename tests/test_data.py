@@ -313,6 +313,15 @@ def test_a_long_premise_is_cut_so_the_hypothesis_stays_whole():
     assert text.startswith("premise: the committee approved")
     short = pair.encode([{"premise": "a cat", "hypothesis": "an animal"}])  # fits: unchanged
     assert tokenizer.decode(short["input_ids"][0], skip_special_tokens=True) == "premise: a cat hypothesis: an animal"
+    body = text[len("premise: "):-len(" hypothesis: the rights are new")]
+    assert body and premise.startswith(body) and premise[len(body)] == " "  # ends at a whole word
+    # a premise without spaces (Japanese here) keeps what fits, not nothing
+    unspaced = "猫がマットの上に座っている間に委員会は新しい権利を承認した。" * 4
+    encoded = pair.encode([{"premise": unspaced, "hypothesis": "a cat sits"}])
+    text = tokenizer.decode(encoded["input_ids"][0][encoded["attention_mask"][0].bool()], skip_special_tokens=True)
+    assert text.endswith("hypothesis: a cat sits")
+    kept = text[len("premise: "):-len(" hypothesis: a cat sits")]
+    assert len(kept) >= 5 and unspaced.startswith(kept)
 
 
 def test_class_lists_come_from_every_split_before_limits_and_string_image_labels_work(tmp_path):

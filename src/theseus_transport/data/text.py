@@ -77,21 +77,29 @@ class PairTokenizer:
         return len(self.tokenizer(text)["input_ids"])
 
     def _fitted_text(self, premise: str, hypothesis: str) -> str:
-        """The templated pair of one that does not fit in max_length, its premise cut by whole words.
+        """The templated pair of one that does not fit in max_length, its premise cut (by whole words where it has spaces).
 
         Cutting the joined text from the end (the tokenizer's own truncation) dropped the hypothesis
         whenever the premise was long, leaving nothing to classify; the hypothesis is kept whole unless
-        it alone does not fit.
+        it alone does not fit. The cut is found by characters, so a premise without spaces (Chinese,
+        Japanese, Thai, one long token) keeps what fits instead of nothing.
         """
-        words = premise.split()
-        kept, too_many = 0, len(words)  # the most premise words that fit: binary search
+        def fits(characters: int) -> bool:
+            text = self.template.format(premise=premise[:characters], hypothesis=hypothesis)
+            return self._token_count(text) <= self.max_length
+
+        kept, too_many = 0, len(premise)  # the longest premise prefix that fits: binary search
         while kept + 1 < too_many:
             middle = (kept + too_many) // 2
-            if self._token_count(self.template.format(premise=" ".join(words[:middle]), hypothesis=hypothesis)) <= self.max_length:
+            if fits(middle):
                 kept = middle
             else:
                 too_many = middle
-        return self.template.format(premise=" ".join(words[:kept]), hypothesis=hypothesis)
+        cut = premise[:kept]
+        space = cut.rfind(" ")
+        if space > 0 and not premise[kept].isspace():
+            cut = cut[:space]  # mid-word: end at the last whole word instead
+        return self.template.format(premise=cut.rstrip(), hypothesis=hypothesis)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.encode(rows)
