@@ -299,6 +299,36 @@ def test_a_test_split_named_validation_is_never_also_the_validation_split():
         standard_splits(raw, val_split="validation", test_split="validation")
 
 
+def test_the_other_protocol_s_size_is_refused_not_ignored():
+    from theseus_transport.data import TextPairDataModule
+
+    with pytest.raises(ValueError, match="calibration_shots=8 does not apply to calibration_protocol 'batches'"):
+        TextPairDataModule("toy:objects", calibration_shots=8)
+    with pytest.raises(ValueError, match="calibration_batches=50 does not apply to calibration_protocol 'shots'"):
+        TextPairDataModule("toy:objects", calibration_protocol="shots", calibration_batches=50)
+    shots = TextPairDataModule("toy:objects", calibration_protocol="shots", calibration_shots=8)
+    assert (shots.calibration_shots, TextPairDataModule("toy:objects").calibration_batches) == (8, 1)
+
+
+def test_the_training_seed_leaves_the_carved_validation_split_and_the_limits_alone():
+    from theseus_transport.data import TextPairDataModule
+
+    rows = 60
+    raw = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"premise": [f"p{i}" for i in range(rows)], "hypothesis": ["h"] * rows,
+                                             "label": [i % 2 for i in range(rows)]}),
+        "test": datasets.Dataset.from_dict({"premise": ["t"] * 4, "hypothesis": ["h"] * 4, "label": [0, 1, 0, 1]}),
+    })
+
+    def split_texts(**seeds) -> tuple[list[str], list[str]]:
+        module = TextPairDataModule.from_datasets(raw, name="seeded", train_limit=20, val_fraction=0.2, **seeds)
+        return list(module.splits["val"]["premise"]), list(module.splits["train"]["premise"])
+
+    # seed is the training order; a seed sweep must be evaluated on one validation set
+    assert split_texts(seed=0) == split_texts(seed=1)
+    assert split_texts(split_seed=0) != split_texts(split_seed=1)
+
+
 def test_a_long_premise_is_cut_so_the_hypothesis_stays_whole():
     from theseus_transport.data.text import PairTokenizer
     from theseus_transport.data.tokenizers import load_tokenizer

@@ -126,10 +126,10 @@ def _transport_parser(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("calibration data")
     data.add_argument("--dataset", required=True, help="hub id, zoo:<task> (offline world) or a save_to_disk folder")
     data.add_argument("--dataset-config", default=None)
-    data.add_argument("--calibration-batches", type=_positive_int, default=1)
+    data.add_argument("--calibration-batches", type=_positive_int, default=None, help="batches protocol: k batches (default 1)")
     data.add_argument("--calibration-batch-size", type=_positive_int, default=32)
     data.add_argument("--calibration-protocol", default="batches", choices=["batches", "shots"])
-    data.add_argument("--calibration-shots", type=_positive_int, default=4)
+    data.add_argument("--calibration-shots", type=_positive_int, default=None, help="shots protocol: k examples per class (default 4)")
     data.add_argument("--calibration-seed", type=int, default=0)
     data.add_argument("--held-out-batches", type=_non_negative_int, default=1, help="validation batches for the cosine report (0: skip)")
     method = parser.add_argument_group("method")
@@ -215,7 +215,9 @@ def transport_main(options: argparse.Namespace) -> int:
                              "task_vector": str(options.task_vector), "sha256": info.get("sha256")},
         "method": options.method, "map_mode": options.map_mode, "alpha": options.alpha,
         "transport_embeddings": options.transport_embeddings, "attention_maps": options.attention_maps,
-        "calibration": {"dataset": options.dataset, "batches": options.calibration_batches,
+        "calibration": {"dataset": options.dataset, "protocol": options.calibration_protocol,
+                        **({"shots": datamodule.calibration_shots} if options.calibration_protocol == "shots"
+                           else {"batches": datamodule.calibration_batches}),
                         "batch_size": options.calibration_batch_size, "seed": options.calibration_seed},
     }
     # all files or none: written under temporary names, moved into place together, so a failure leaves

@@ -67,12 +67,13 @@ class TaskDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         calibration_protocol: str = "batches",
-        calibration_batches: int = 1,
+        calibration_batches: int | None = None,
         calibration_batch_size: int = 32,
-        calibration_shots: int = 4,
+        calibration_shots: int | None = None,
         calibration_seed: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
+        split_seed: int = 0,
         train_limit: int | None = None,
         val_limit: int | None = None,
         test_limit: int | None = None,
@@ -81,18 +82,28 @@ class TaskDataModule(L.LightningDataModule):
         super().__init__()
         if calibration_protocol not in CALIBRATION_PROTOCOLS:
             raise ValueError(f"calibration_protocol must be one of {CALIBRATION_PROTOCOLS}, got {calibration_protocol!r}")
+        # each protocol has its own size; the other one's would be ignored, so it is refused instead
+        inactive = {"batches": ("calibration_shots", calibration_shots),
+                    "shots": ("calibration_batches", calibration_batches)}[calibration_protocol]
+        if inactive[1] is not None:
+            raise ValueError(
+                f"{inactive[0]}={inactive[1]} does not apply to calibration_protocol {calibration_protocol!r} "
+                f"(it sizes the {'shots' if calibration_protocol == 'batches' else 'batches'} protocol); drop it or "
+                "switch the protocol"
+            )
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.calibration_protocol = calibration_protocol
-        self.calibration_batches = calibration_batches
+        self.calibration_batches = calibration_batches if calibration_batches is not None else 1
         self.calibration_batch_size = calibration_batch_size
-        self.calibration_shots = calibration_shots
+        self.calibration_shots = calibration_shots if calibration_shots is not None else 4
         self.calibration_seed = calibration_seed
         self.val_fraction = val_fraction
-        self.seed = seed
+        self.seed = seed  # training order only
+        self.split_seed = split_seed  # the validation split carved from train, and the train / val / test limits
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
         self.cache_dir = cache_dir
         self._raw: datasets.DatasetDict | None = None
@@ -193,12 +204,12 @@ class TaskDataModule(L.LightningDataModule):
             raw = self._raw if self._raw is not None else load_dataset_dict(
                 self.dataset, self.dataset_config, cache_dir=self.cache_dir
             )
-            splits = standard_splits(raw, val_fraction=self.val_fraction, seed=self.seed, **self._split_names())
+            splits = standard_splits(raw, val_fraction=self.val_fraction, seed=self.split_seed, **self._split_names())
             splits = {name: self._clean(split) for name, split in splits.items()}
             # columns and the class list come from the whole splits: a train_limit must not drop a class
             # (or, for string labels, renumber them) while test still holds it
             self._on_splits_ready(splits)
-            splits = {name: limit(split, self.limits.get(name), seed=self.seed) for name, split in splits.items()}
+            splits = {name: limit(split, self.limits.get(name), seed=self.split_seed) for name, split in splits.items()}
             self._splits = splits
         return self._splits
 
