@@ -97,6 +97,10 @@ def _check_composed(experiment: Path, task: Path) -> None:
         assert model["freeze_encoder"] == experiment.stem.startswith("probe")
     else:
         assert (data["model_name"], data["pretrained"]) == (model["model_name"], model["pretrained"])
+    if _subcommand(experiment) == "fit":
+        # resumable every 500 steps, not saved once per (few-step) epoch
+        checkpoints = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+        assert len(checkpoints) == 1 and checkpoints[0]["init_args"]["every_n_train_steps"] == 500
     if experiment.stem in ("finetune_source", "baseline", "warmstart"):
         # the paper's recipe (App. C, after Ilharco et al.)
         assert model["lr"] == 1e-5 and model["weight_decay"] == 0.1 and model["warmup_steps"] == 200

@@ -95,6 +95,7 @@ TEXT_EXPERIMENT = {
 }
 
 CALLBACKS = "theseus_transport.callbacks"
+CHECKPOINT_EVERY = 500
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
@@ -115,6 +116,10 @@ def _trainer(experiment: str, run: str, fit: bool, recipe: dict[str, Any] | None
         )
         if "gradient_clip_val" in recipe:
             trainer["gradient_clip_val"] = recipe["gradient_clip_val"]
+        # a checkpoint to resume from every CHECKPOINT_EVERY steps, not one per epoch: the probes' and small
+        # tasks' epochs are a few steps, and a per-epoch save of a T5-Large or ViT-L would be written hundreds of times
+        callbacks = [*callbacks, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                  "init_args": {"every_n_train_steps": CHECKPOINT_EVERY}}]
     # the task file sets the version, so runs land in outputs/paper/<experiment>/<run>/<task>
     trainer["logger"] = {"class_path": TENSORBOARD, "init_args": {"save_dir": f"{OUTPUTS}/{experiment}", "name": run}}
     if callbacks:
