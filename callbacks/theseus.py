@@ -71,8 +71,14 @@ class TheseusCallback(Callback):
         seed: int = 0,
         report_path: str | None = None,
         apply_on_eval: bool = False,
+        memory_budget_mb: float | None = None,
     ) -> None:
         super().__init__()
+        if memory_budget_mb is not None and not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be above 0 (or None for one pass), got {memory_budget_mb}")
+        # caps the statistics held at once (one calibration pass per group of layers; same result):
+        # T5-3B's rank-aware statistics are about 12 GB in a single pass
+        self.memory_budget_mb = memory_budget_mb
         self.task_vector_path = task_vector
         self.source_model = source_model
         self.source_pretrained = source_pretrained
@@ -273,6 +279,7 @@ class TheseusCallback(Callback):
             attention_maps=self.attention_maps, token_alignment=self.token_alignment, layer_map=self.layer_map,
             held_out=self._held_out(trainer) if rank == 0 else None, seed=self.seed, reduce_fn=reduce_fn,
             progress=rank == 0,
+            memory_budget_bytes=None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20),
         )
         apply_task_vector(target, result.task_vector, alpha=1.0)  # the result is already scaled by alpha
         target.to(original_device)

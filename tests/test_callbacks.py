@@ -142,6 +142,28 @@ def test_fit_adds_alpha_times_the_engine_transport_before_the_first_step(tmp_pat
     assert open(vector_path, "rb").read() == file_bytes  # files are only read
 
 
+def test_a_memory_budget_gives_the_same_warm_start(tmp_path, monkeypatch):
+    vector_path = t5_task_vector(tmp_path)
+    budgets = []
+
+    def spy(*args, **kwargs):
+        budgets.append(kwargs.get("memory_budget_bytes"))
+        return transport(*args, **kwargs)
+
+    monkeypatch.setattr(theseus_module, "transport", spy)
+    starts = []
+    for budget in (None, 0.05):  # 50 KiB: one pass per few layers
+        module = _text_module()
+        probe = FirstStepProbe()
+        theseus = TheseusCallback(vector_path, source_model=T5_SOURCE, memory_budget_mb=budget)
+        _trainer(tmp_path, callbacks=[theseus, probe], max_steps=1).fit(module, datamodule=text_data(calibration_batches=2))
+        starts.append(probe.before_first_step)
+    _assert_close_states(starts[1], starts[0], atol=1e-6)
+    assert budgets == [None, int(0.05 * 2**20)]
+    with pytest.raises(ValueError, match="memory_budget_mb"):
+        TheseusCallback(vector_path, source_model=T5_SOURCE, memory_budget_mb=0)
+
+
 def test_task_placeholder_and_mismatched_source_are_handled(tmp_path):
     vector_path = t5_task_vector(tmp_path)
     templated = tmp_path / "{task}.safetensors"
