@@ -250,6 +250,9 @@ class TheseusCallback(Callback):
         if (stage == "fit" and resuming) or (stage != "fit" and not self.apply_on_eval):
             return  # nothing will be transported
         path = self.task_vector_for(datamodule)
+        if not path.is_file():
+            raise FileNotFoundError(f"no task vector to transport at {path}: fine-tune the source {self.source_model} "
+                                    "first (it writes its task_vector_out there), or point task_vector at one")
         self._check_sidecar(read_sidecar(path), path, getattr(module, "family", None))
 
     def _transport_and_apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
