@@ -76,8 +76,8 @@ def test_offline_configs_parse(config):
     model, data = printed["model"]["init_args"], printed["data"]["init_args"]
     assert model["model_name"].startswith(("theseus-tiny-", "t5-tiny-offline"))
     assert data["dataset"].startswith(("zoo:", "toy:"))
-    if "model_name" in data:  # image data is preprocessed for the model it feeds
-        assert data["model_name"] == model["model_name"]
+    # the data's model (or tokenizer) name is linked to the model's: not a second setting
+    assert not {"model_name", "pretrained", "tokenizer_name"} & set(data)
     for callback in printed["trainer"].get("callbacks") or []:
         if callback["class_path"].endswith("TheseusCallback"):
             assert "{task}" in callback["init_args"]["task_vector"]
@@ -92,11 +92,9 @@ def _check_composed(experiment: Path, task: Path) -> None:
     assert data["dataset_config"] == task_spec["data"]["init_args"].get("dataset_config")
     assert printed["trainer"]["logger"]["init_args"]["version"] == task.stem
     assert printed["trainer"]["logger"]["init_args"]["name"] == experiment.stem
+    assert not {"model_name", "pretrained", "tokenizer_name"} & set(data)  # linked to the model's
     if experiment.parent.name == "t5":
-        assert data["tokenizer_name"] == model["model_name"]
         assert model["freeze_encoder"] == experiment.stem.startswith("probe")
-    else:
-        assert (data["model_name"], data["pretrained"]) == (model["model_name"], model["pretrained"])
     if _subcommand(experiment) == "fit":
         # resumable every 500 steps, not saved once per (few-step) epoch
         checkpoints = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
@@ -181,15 +179,25 @@ def tiny_vit(tmp_path_factory):
     return TINY_VIT
 
 
+def test_the_data_follows_the_model_it_feeds(tiny_vit):
+    # overriding the model's name is enough: the datamodule preprocesses (or tokenises) for it
+    cli = lightning_main(["--config", str(CONFIGS / "offline/zeroshot_target.yaml"), "--model.init_args.model_name", tiny_vit,
+                          "--model.init_args.pretrained", "null"], run=False)
+    assert (cli.datamodule.model_name, cli.datamodule.pretrained) == (tiny_vit, None) == (cli.model.model_name, cli.model.pretrained)
+    cli = lightning_main(["--config", str(CONFIGS / "offline/t5_linear_probe.yaml"),
+                          "--model.init_args.model_name", "t5-tiny-offline"], run=False)
+    assert cli.datamodule.tokenizer_name == cli.model.model_name == "t5-tiny-offline"
+
+
 def test_real_datasets_fail_with_offline_error_naming_them(empty_caches, tiny_vit, capsys):
-    tiny_model = ["--model.init_args.pretrained", "null", "--data.init_args.pretrained", "null"]
+    tiny_model = ["--model.init_args.pretrained", "null"]
     args = ["test", "--config", str(PAPER / "width/zeroshot_target.yaml"), "--config", str(PAPER / "tasks/vision/svhn.yaml"),
-            "--model.init_args.model_name", tiny_vit, "--data.init_args.model_name", tiny_vit, *tiny_model,
+            "--model.init_args.model_name", tiny_vit, *tiny_model,
             "--trainer.logger", "false"]
     with pytest.raises(OfflineError, match="ufldl-stanford/svhn"):
         lightning_main(args)
     args = ["fit", "--config", str(PAPER / "t5/probe_target.yaml"), "--config", str(PAPER / "tasks/text/scitail.yaml"),
-            "--model.init_args.model_name", "t5-tiny-offline-wide", "--data.init_args.tokenizer_name", "byt5-offline",
+            "--model.init_args.model_name", "t5-tiny-offline-wide",
             "--trainer.max_steps", "1", "--trainer.logger", "false"]
     with pytest.raises(OfflineError, match="allenai/scitail"):
         lightning_main(args)

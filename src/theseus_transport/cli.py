@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -25,10 +26,11 @@ def named_cause(error: BaseException) -> BaseException | None:
     return None
 
 
-def lightning_main(args: list[str] | None = None) -> None:
+def lightning_main(args: list[str] | None = None, run: bool = True) -> Any:
     """Run LightningCLI with any LightningModule / LightningDataModule given by class path in YAML.
 
-    ``args`` None reads the command line (LightningCLI warns when given both).
+    ``args`` None reads the command line (LightningCLI warns when given both); ``run=False`` only builds
+    the model, data and trainer (no subcommand in ``args`` then) and returns the CLI object.
     """
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
@@ -40,6 +42,13 @@ def lightning_main(args: list[str] | None = None) -> None:
 
     class TheseusCLI(LightningCLI):
         """LightningCLI that lets a named error raised while building the model or data through."""
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            # the data is prepared for the model it feeds: one setting, not two that can disagree (a link
+            # whose target the chosen data class lacks, e.g. tokenizer_name for images, is skipped)
+            parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
+            parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
+            parser.link_arguments("model.init_args.model_name", "data.init_args.tokenizer_name")
 
         def instantiate_classes(self) -> None:
             try:
@@ -76,7 +85,7 @@ def lightning_main(args: list[str] | None = None) -> None:
         def before_predict(self) -> None:
             self._preflight("predict")
 
-    TheseusCLI(
+    return TheseusCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -84,6 +93,7 @@ def lightning_main(args: list[str] | None = None) -> None:
         seed_everything_default=0,
         args=args,
         auto_configure_optimizers=False,
+        run=run,
     )
 
 

@@ -152,7 +152,7 @@ class ImageClassifier(EncoderClassifier):
         if data_model is not None and data_model != self.model_name:
             raise FamilyMismatchError(
                 f"the datamodule preprocesses images for {data_model!r}, the model is {self.model_name!r}: set the "
-                "datamodule's model_name to the model's (LightningCLI: --data.init_args.model_name)"
+                "datamodule's model_name to the model's (the theseus CLI links the two)"
             )
         if data_pretrained and self.pretrained and data_pretrained != self.pretrained:
             raise FamilyMismatchError(
