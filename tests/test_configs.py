@@ -179,6 +179,18 @@ def tiny_vit(tmp_path_factory):
     return TINY_VIT
 
 
+def test_a_fit_resumes_and_a_checkpoint_evaluates_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(CONFIGS / "offline/t5_finetune_source.yaml"), "--model.init_args.task_vector_out", "null",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.enable_checkpointing", "true", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1"]
+    assert main(["fit", *config, "--trainer.max_steps", "2"]) == 0
+    checkpoint = next((tmp_path / "outputs/offline/t5_finetune_source/version_0/checkpoints").glob("*.ckpt"))
+    # LightningCLI reads the checkpoint's hyperparameters back (its own `_class_path` among them)
+    assert main(["fit", *config, "--trainer.max_steps", "3", "--ckpt_path", str(checkpoint)]) == 0
+    assert main(["validate", *config[:2], "--trainer.limit_val_batches", "1", "--ckpt_path", str(checkpoint)]) == 0
+
+
 def test_the_data_follows_the_model_it_feeds(tiny_vit):
     # overriding the model's name is enough: the datamodule preprocesses (or tokenises) for it
     cli = lightning_main(["--config", str(CONFIGS / "offline/zeroshot_target.yaml"), "--model.init_args.model_name", tiny_vit,

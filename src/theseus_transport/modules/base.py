@@ -63,7 +63,8 @@ class EncoderClassifier(L.LightningModule):
         own = set(inspect.signature(type(self).__init__).parameters) - {"self"}
         caller = inspect.currentframe().f_back
         self.save_hyperparameters(frame=caller)
-        for key in [key for key in self.hparams if key not in own]:
+        # LightningCLI's own entries (`_class_path`, `_instantiator`) stay: it reads them back for --ckpt_path
+        for key in [key for key in self.hparams if key not in own and not key.startswith("_")]:
             del self.hparams[key]
 
     def _encoder_ready(self) -> None:
