@@ -247,8 +247,10 @@ class TheseusCallback(Callback):
         The CLI calls this before Lightning saves the run's config, so a missing or mismatched task vector
         does not leave a log folder behind that refuses the corrected rerun.
         """
-        if (stage == "fit" and resuming) or (stage != "fit" and not self.apply_on_eval):
-            return  # nothing will be transported
+        if resuming or (stage != "fit" and not self.apply_on_eval):
+            # nothing will be transported, or a checkpoint decides at run time (a resumed fit, or a trained
+            # encoder, applies nothing; the callback checks the task vector itself if it does transport)
+            return
         path = self.task_vector_for(datamodule)
         if not path.is_file():
             raise FileNotFoundError(f"no task vector to transport at {path}: fine-tune the source {self.source_model} "

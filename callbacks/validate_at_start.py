@@ -34,16 +34,16 @@ class ValidateAtStart(Callback):
         batches = _batch_limit(trainer.limit_val_batches, len(loader))
         total_loss, correct, count = 0.0, 0, 0
         precision = trainer.precision_plugin
-        # the validation loop's precision: autocast for "-mixed", inputs cast for a "-true" (half) model
-        with precision.val_step_context():
-            for index, batch in enumerate(loader):
-                if index >= batches:
-                    break
-                batch = precision.convert_input(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
-                loss, right = _evaluate(pl_module, batch)
-                total_loss += float(loss) * len(right)
-                correct += int(right.sum())
-                count += len(right)
+        for index, batch in enumerate(loader):  # fetched outside the precision context, as the loop does
+            if index >= batches:
+                break
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            # the validation loop's precision: autocast for "-mixed", inputs cast for a "-true" (half) model
+            with precision.val_step_context():
+                loss, right = _evaluate(pl_module, precision.convert_input(batch))
+            total_loss += float(loss) * len(right)
+            correct += int(right.sum())
+            count += len(right)
         pl_module.train(was_training)
         if not count:
             return

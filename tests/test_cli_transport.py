@@ -50,6 +50,7 @@ def test_transport_cli_writes_vector_sidecar_report_and_refuses_overwrite(tmp_pa
     heads_report = json.loads(heads.with_suffix(".report.json").read_text())
     assert heads_report["settings"]["attention"] == "heads" and heads_report["settings"]["head_matching"]
     assert load_task_vector(heads)[1]["attention_maps"] == "heads" and sidecar["attention_maps"] == "per_point"
+    assert sidecar["calibration"]["protocol"] == "batches" and "shots" not in sidecar["calibration"]
     before = output.read_bytes()
     assert main(args) == 1  # exists: refused, untouched
     assert "OutputExistsError" in capsys.readouterr().err
@@ -71,6 +72,9 @@ def test_transport_cli_writes_vector_sidecar_report_and_refuses_overwrite(tmp_pa
     # unknown names and impossible numbers: one line, before any model is loaded
     assert main([*args[:-3], "--output", str(tmp_path / "m.safetensors"), "--method", "nope", "--no-progress"]) == 1
     assert "UnknownNameError: unknown transport method 'nope'" in capsys.readouterr().err
+    # the other protocol's size: refused, also before any model is loaded
+    assert main([*args[:-3], "--output", str(tmp_path / "m.safetensors"), "--calibration-shots", "8", "--no-progress"]) == 1
+    assert "CalibrationError: --calibration-shots does not apply to --calibration-protocol batches" in capsys.readouterr().err
     for flag, value in (("--alpha", "nan"), ("--calibration-batches", "0"), ("--memory-budget-mb", "-5")):
         with pytest.raises(SystemExit) as exit_info:
             main([*args, flag, value])

@@ -76,8 +76,8 @@ def test_offline_configs_parse(config):
     model, data = printed["model"]["init_args"], printed["data"]["init_args"]
     assert model["model_name"].startswith(("theseus-tiny-", "t5-tiny-offline"))
     assert data["dataset"].startswith(("zoo:", "toy:"))
-    # the data's model (or tokenizer) name is linked to the model's: not a second setting
-    assert not {"model_name", "pretrained", "tokenizer_name"} & set(data)
+    # image data's model name is linked to the model's: not a second setting (text keeps its tokenizer_name)
+    assert not {"model_name", "pretrained"} & set(data)
     for callback in printed["trainer"].get("callbacks") or []:
         if callback["class_path"].endswith("TheseusCallback"):
             assert "{task}" in callback["init_args"]["task_vector"]
@@ -92,8 +92,9 @@ def _check_composed(experiment: Path, task: Path) -> None:
     assert data["dataset_config"] == task_spec["data"]["init_args"].get("dataset_config")
     assert printed["trainer"]["logger"]["init_args"]["version"] == task.stem
     assert printed["trainer"]["logger"]["init_args"]["name"] == experiment.stem
-    assert not {"model_name", "pretrained", "tokenizer_name"} & set(data)  # linked to the model's
+    assert not {"model_name", "pretrained"} & set(data)  # linked to the model's
     if experiment.parent.name == "t5":
+        assert data["tokenizer_name"] == model["model_name"]
         assert model["freeze_encoder"] == experiment.stem.startswith("probe")
     if _subcommand(experiment) == "fit":
         # resumable every 500 steps, not saved once per (few-step) epoch
@@ -196,9 +197,11 @@ def test_the_data_follows_the_model_it_feeds(tiny_vit):
     cli = lightning_main(["--config", str(CONFIGS / "offline/zeroshot_target.yaml"), "--model.init_args.model_name", tiny_vit,
                           "--model.init_args.pretrained", "null"], run=False)
     assert (cli.datamodule.model_name, cli.datamodule.pretrained) == (tiny_vit, None) == (cli.model.model_name, cli.model.pretrained)
+    # text keeps its own tokenizer: a local checkpoint may take it from a hub id
     cli = lightning_main(["--config", str(CONFIGS / "offline/t5_linear_probe.yaml"),
-                          "--model.init_args.model_name", "t5-tiny-offline"], run=False)
-    assert cli.datamodule.tokenizer_name == cli.model.model_name == "t5-tiny-offline"
+                          "--model.init_args.model_name", "t5-tiny-offline", "--data.init_args.tokenizer_name", "byt5-offline"],
+                         run=False)
+    assert (cli.model.model_name, cli.datamodule.tokenizer_name) == ("t5-tiny-offline", "byt5-offline")
 
 
 def test_real_datasets_fail_with_offline_error_naming_them(empty_caches, tiny_vit, capsys):
@@ -209,7 +212,7 @@ def test_real_datasets_fail_with_offline_error_naming_them(empty_caches, tiny_vi
     with pytest.raises(OfflineError, match="ufldl-stanford/svhn"):
         lightning_main(args)
     args = ["fit", "--config", str(PAPER / "t5/probe_target.yaml"), "--config", str(PAPER / "tasks/text/scitail.yaml"),
-            "--model.init_args.model_name", "t5-tiny-offline-wide",
+            "--model.init_args.model_name", "t5-tiny-offline-wide", "--data.init_args.tokenizer_name", "byt5-offline",
             "--trainer.max_steps", "1", "--trainer.logger", "false"]
     with pytest.raises(OfflineError, match="allenai/scitail"):
         lightning_main(args)

@@ -352,6 +352,11 @@ def test_a_long_premise_is_cut_so_the_hypothesis_stays_whole():
     assert text.endswith("hypothesis: a cat sits")
     kept = text[len("premise: "):-len(" hypothesis: a cat sits")]
     assert len(kept) >= 5 and unspaced.startswith(kept)
+    # mixed text: an early space is not a reason to throw away the unspaced rest that fits
+    mixed = "2019年 " + "中" * 200
+    encoded = pair.encode([{"premise": mixed, "hypothesis": "a cat sits"}])
+    text = tokenizer.decode(encoded["input_ids"][0][encoded["attention_mask"][0].bool()], skip_special_tokens=True)
+    assert len(text[len("premise: "):-len(" hypothesis: a cat sits")]) > len("2019年 ") + 5
 
 
 def test_class_lists_come_from_every_split_before_limits_and_string_image_labels_work(tmp_path):

@@ -44,11 +44,11 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> Any:
         """LightningCLI that lets a named error raised while building the model or data through."""
 
         def add_arguments_to_parser(self, parser: Any) -> None:
-            # the data is prepared for the model it feeds: one setting, not two that can disagree (a link
-            # whose target the chosen data class lacks, e.g. tokenizer_name for images, is skipped)
+            # images are preprocessed for the model they feed: one setting, not two that can only disagree
+            # (ImageClassifier refuses any other). Text keeps its own tokenizer_name: a local T5 checkpoint
+            # may take its tokenizer from a hub id. A link whose target the data class lacks is skipped.
             parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
             parser.link_arguments("model.init_args.pretrained", "data.init_args.pretrained")
-            parser.link_arguments("model.init_args.model_name", "data.init_args.tokenizer_name")
 
         def instantiate_classes(self) -> None:
             try:
@@ -68,7 +68,7 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> Any:
             for callback in self.trainer.callbacks:
                 check = getattr(callback, "preflight", None)
                 if callable(check):
-                    check(self.model, self.datamodule, stage, resuming=ckpt_path is not None)
+                    check(self.model, self.datamodule, stage, resuming=ckpt_path is not None)  # from a checkpoint
             check = getattr(self.model, "preflight", None)
             if callable(check):
                 check(self.datamodule, stage)
@@ -173,7 +173,7 @@ def transport_main(options: argparse.Namespace) -> int:
     """Transport a task vector between two base models and write vector, sidecar and report JSON."""
     from .families import load_base_encoder
     from .transport import get_method, load_task_vector, save_task_vector, transport
-    from .transport.errors import OutputPathError
+    from .transport.errors import CalibrationError, OutputPathError
     from .transport.io import (
         check_task_vector_source,
         check_tensor_path,
@@ -199,6 +199,9 @@ def transport_main(options: argparse.Namespace) -> int:
         raise OutputPathError(f"--output {output} would replace the input task vector {options.task_vector} or its sidecar")
     check_writable(*outputs, overwrite=options.overwrite)
     get_method(options.method)  # an unknown name is refused before any model is loaded
+    inactive = "--calibration-shots" if options.calibration_protocol == "batches" else "--calibration-batches"
+    if getattr(options, inactive[2:].replace("-", "_")) is not None:
+        raise CalibrationError(f"{inactive} does not apply to --calibration-protocol {options.calibration_protocol}")
     task_vector, info = load_task_vector(options.task_vector)
     check_task_vector_source(info, options.source_model, options.source_pretrained, options.task_vector)
     source = load_base_encoder(options.family, options.source_model, options.source_pretrained, options.device)

@@ -54,6 +54,11 @@ class TextPairDataset(Dataset):
         }
 
 
+# a cut that would go further back than this to reach a space is in unspaced text (Chinese, Japanese, Thai),
+# not in a word
+LONGEST_WORD = 32
+
+
 class PairTokenizer:
     """Collate rows into {"input_ids", "attention_mask"} padded to a fixed max_length."""
 
@@ -97,8 +102,10 @@ class PairTokenizer:
                 too_many = middle
         cut = premise[:kept]
         space = cut.rfind(" ")
-        if space > 0 and not premise[kept].isspace():
-            cut = cut[:space]  # mid-word: end at the last whole word instead
+        if space > 0 and not premise[kept].isspace() and kept - space <= min(LONGEST_WORD, kept // 5):
+            # mid-word: end at the last whole word instead, unless that throws away much of what fits
+            # (unspaced text after an early space, e.g. "2019年 " and a Chinese sentence)
+            cut = cut[:space]
         return self.template.format(premise=cut.rstrip(), hypothesis=hypothesis)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
