@@ -130,19 +130,22 @@ def test_t5_pair_with_different_widths_and_heads(gated):
     assert tokens == 3 * 8 * 20
 
 
-@pytest.mark.parametrize("kind", ["MT5", "UMT5"])
-def test_mt5_and_umt5_encoders_transport_with_their_own_keys(kind):
-    import transformers
-
-    config_class, model_class = getattr(transformers, f"{kind}Config"), getattr(transformers, f"{kind}EncoderModel")
-
+def t5_pair(config_class: type, model_class: type) -> tuple[nn.Module, nn.Module]:
+    """A source (32 wide, 4 heads) and a wider target (48, 6) of one T5-family class, random weights."""
     def build(d_model: int, heads: int, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         config = config_class(vocab_size=384, d_model=d_model, d_ff=2 * d_model, num_heads=heads, d_kv=8, num_layers=2,
                               dropout_rate=0.0)
         return model_class(config).eval()
 
-    source, target = build(32, 4, 0), build(48, 6, 1)
+    return build(32, 4, 0), build(48, 6, 1)
+
+
+@pytest.mark.parametrize("kind", ["MT5", "UMT5"])
+def test_mt5_and_umt5_encoders_transport_with_their_own_keys(kind):
+    import transformers
+
+    source, target = t5_pair(getattr(transformers, f"{kind}Config"), getattr(transformers, f"{kind}EncoderModel"))
     task_vector = random_task_vector(source, lambda key: "relative_attention_bias" not in key)
     result = transport(source, target, task_vector, t5_calibration(2), progress=False)  # family detected
     assert result.plan.family == "t5"
@@ -154,13 +157,7 @@ def test_mt5_and_umt5_encoders_transport_with_their_own_keys(kind):
 def test_whole_t5_models_are_detected_and_decoder_stacks_refused():
     from transformers import T5ForConditionalGeneration
 
-    def build(d_model: int, heads: int, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        config = T5Config(vocab_size=384, d_model=d_model, d_ff=2 * d_model, num_heads=heads, d_kv=8, num_layers=2,
-                          dropout_rate=0.0)
-        return T5ForConditionalGeneration(config).eval()
-
-    source, target = build(32, 4, 0), build(48, 6, 1)
+    source, target = t5_pair(T5Config, T5ForConditionalGeneration)
     encoder_vector = random_task_vector(source.get_encoder(), lambda key: "relative_attention_bias" not in key)
     result = transport(source, target, encoder_vector, t5_calibration(2), progress=False)  # no family given
     assert result.plan.family == "t5" and "block.0.layer.0.SelfAttention.q.weight" in result.task_vector
