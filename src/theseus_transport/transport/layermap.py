@@ -139,7 +139,7 @@ def expand_module(encoder: nn.Module, blocks: nn.ModuleList, block_prefix: str, 
     expanded = copy.deepcopy(encoder)
     # each target block is built like the source block of its position: block 0 like block 0 (with any
     # first-block-only parameter), later blocks like a later block, whatever blocks their weights blend
-    later = [index for index in range(1, len(blocks))]
+    later = range(1, len(blocks))
 
     def template(target_index: int, combination: tuple[tuple[int, float], ...]) -> nn.Module:
         if target_index == 0 or not later:
