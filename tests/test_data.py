@@ -308,6 +308,9 @@ def test_the_other_protocol_s_size_is_refused_not_ignored():
         TextPairDataModule("toy:objects", calibration_protocol="shots", calibration_batches=50)
     shots = TextPairDataModule("toy:objects", calibration_protocol="shots", calibration_shots=8)
     assert (shots.calibration_shots, TextPairDataModule("toy:objects").calibration_batches) == (8, 1)
+    # a config.yaml saved before the sizes defaulted to None lists both, the inactive one at its default
+    saved = TextPairDataModule("toy:objects", calibration_batches=10, calibration_shots=4)
+    assert (saved.calibration_protocol, saved.calibration_batches) == ("batches", 10)
 
 
 def test_the_training_seed_leaves_the_carved_validation_split_and_the_limits_alone():

@@ -51,6 +51,10 @@ class EpochRandomSampler(RandomSampler):
         return iter(order)
 
 
+# calibration sizes when not given: k = 1 batch (batches protocol), k = 4 examples per class (shots)
+DEFAULT_BATCHES, DEFAULT_SHOTS = 1, 4
+
+
 class TaskDataModule(L.LightningDataModule):
     """Base datamodule: load a dataset, standardise its splits, sample calibration examples.
 
@@ -82,10 +86,11 @@ class TaskDataModule(L.LightningDataModule):
         super().__init__()
         if calibration_protocol not in CALIBRATION_PROTOCOLS:
             raise ValueError(f"calibration_protocol must be one of {CALIBRATION_PROTOCOLS}, got {calibration_protocol!r}")
-        # each protocol has its own size; the other one's would be ignored, so it is refused instead
-        inactive = {"batches": ("calibration_shots", calibration_shots),
-                    "shots": ("calibration_batches", calibration_batches)}[calibration_protocol]
-        if inactive[1] is not None:
+        # each protocol has its own size; the other one's would be ignored, so it is refused instead. Its
+        # default value is accepted: config.yaml files saved before these defaults became None list it
+        inactive = {"batches": ("calibration_shots", calibration_shots, DEFAULT_SHOTS),
+                    "shots": ("calibration_batches", calibration_batches, DEFAULT_BATCHES)}[calibration_protocol]
+        if inactive[1] not in (None, inactive[2]):
             raise ValueError(
                 f"{inactive[0]}={inactive[1]} does not apply to calibration_protocol {calibration_protocol!r} "
                 f"(it sizes the {'shots' if calibration_protocol == 'batches' else 'batches'} protocol); drop it or "
@@ -97,9 +102,9 @@ class TaskDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.calibration_protocol = calibration_protocol
-        self.calibration_batches = calibration_batches if calibration_batches is not None else 1
+        self.calibration_batches = calibration_batches if calibration_batches is not None else DEFAULT_BATCHES
         self.calibration_batch_size = calibration_batch_size
-        self.calibration_shots = calibration_shots if calibration_shots is not None else 4
+        self.calibration_shots = calibration_shots if calibration_shots is not None else DEFAULT_SHOTS
         self.calibration_seed = calibration_seed
         self.val_fraction = val_fraction
         self.seed = seed  # training order only
