@@ -173,6 +173,7 @@ def transport_main(options: argparse.Namespace) -> int:
     """Transport a task vector between two base models and write vector, sidecar and report JSON."""
     from .families import load_base_encoder
     from .transport import get_method, load_task_vector, save_task_vector, transport
+    from .data.base import inactive_calibration_size
     from .transport.errors import CalibrationError, OutputPathError
     from .transport.io import (
         check_task_vector_source,
@@ -199,9 +200,10 @@ def transport_main(options: argparse.Namespace) -> int:
         raise OutputPathError(f"--output {output} would replace the input task vector {options.task_vector} or its sidecar")
     check_writable(*outputs, overwrite=options.overwrite)
     get_method(options.method)  # an unknown name is refused before any model is loaded
-    inactive = "--calibration-shots" if options.calibration_protocol == "batches" else "--calibration-batches"
-    if getattr(options, inactive[2:].replace("-", "_")) is not None:
-        raise CalibrationError(f"{inactive} does not apply to --calibration-protocol {options.calibration_protocol}")
+    inactive = inactive_calibration_size(options.calibration_protocol, options.calibration_batches, options.calibration_shots)
+    if inactive is not None:  # an explicit flag, so even a default value is refused
+        flag = "--" + inactive[0].replace("_", "-")
+        raise CalibrationError(f"{flag} does not apply to --calibration-protocol {options.calibration_protocol}")
     task_vector, info = load_task_vector(options.task_vector)
     check_task_vector_source(info, options.source_model, options.source_pretrained, options.task_vector)
     source = load_base_encoder(options.family, options.source_model, options.source_pretrained, options.device)

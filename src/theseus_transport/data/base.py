@@ -55,6 +55,12 @@ class EpochRandomSampler(RandomSampler):
 DEFAULT_BATCHES, DEFAULT_SHOTS = 1, 4
 
 
+def inactive_calibration_size(protocol: str, batches: int | None, shots: int | None) -> tuple[str, int] | None:
+    """The size setting given for the protocol not in use (("calibration_shots", k) under 'batches'), else None."""
+    name, value = ("calibration_shots", shots) if protocol == "batches" else ("calibration_batches", batches)
+    return None if value is None else (name, value)
+
+
 class TaskDataModule(L.LightningDataModule):
     """Base datamodule: load a dataset, standardise its splits, sample calibration examples.
 
@@ -88,9 +94,9 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"calibration_protocol must be one of {CALIBRATION_PROTOCOLS}, got {calibration_protocol!r}")
         # each protocol has its own size; the other one's would be ignored, so it is refused instead. Its
         # default value is accepted: config.yaml files saved before these defaults became None list it
-        inactive = {"batches": ("calibration_shots", calibration_shots, DEFAULT_SHOTS),
-                    "shots": ("calibration_batches", calibration_batches, DEFAULT_BATCHES)}[calibration_protocol]
-        if inactive[1] not in (None, inactive[2]):
+        inactive = inactive_calibration_size(calibration_protocol, calibration_batches, calibration_shots)
+        defaults = {"calibration_shots": DEFAULT_SHOTS, "calibration_batches": DEFAULT_BATCHES}
+        if inactive is not None and inactive[1] != defaults[inactive[0]]:
             raise ValueError(
                 f"{inactive[0]}={inactive[1]} does not apply to calibration_protocol {calibration_protocol!r} "
                 f"(it sizes the {'shots' if calibration_protocol == 'batches' else 'batches'} protocol); drop it or "

@@ -210,13 +210,12 @@ class EncoderClassifier(L.LightningModule):
         # encoders load in eval mode (transformers' from_pretrained, the zoo's loader) and Lightning keeps the
         # modes it finds, so without this a fine-tune would run with T5's dropout off; a frozen encoder stays in eval
         self.train()
-        path = self.resolved_task_vector_out()
-        if path is None:
+        if self.task_vector_out is None:
             return
         refusal: Exception | None = None
         if self.trainer.is_global_zero:
             try:
-                check_writable(check_tensor_path(path), sidecar_path(path), overwrite=self.overwrite)
+                self.preflight(self._datamodule(), "fit")
             except TheseusError as error:
                 refusal = error
         # every rank must stop, or the others would wait for rank 0 in their first collective
