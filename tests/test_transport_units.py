@@ -24,6 +24,7 @@ from theseus_transport.transport import (
     OutputExistsError,
     OutputPathError,
     ShapeMismatchError,
+    SharedParameterError,
     TaskVectorKeyError,
     UnknownNameError,
     align_tokens,
@@ -165,6 +166,30 @@ def test_whole_t5_models_are_detected_and_decoder_stacks_refused():
         transport(source.decoder, target.decoder, {}, t5_calibration(1), family="t5", progress=False)
 
 
+@pytest.mark.parametrize("kind", ["T5", "MT5", "UMT5"])
+def test_embedding_transport_refuses_a_whole_t5_target_whose_decoder_shares_the_token_table(kind):
+    import transformers
+
+    source, target = t5_pair(getattr(transformers, f"{kind}Config"), getattr(transformers, f"{kind}ForConditionalGeneration"))
+    assert target.decoder.embed_tokens.weight is target.encoder.embed_tokens.weight  # one table, as loaded
+    encoder_vector = random_task_vector(source.get_encoder(), lambda key: "relative_attention_bias" not in key)
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    # the encoder's embedding update would also move the decoder's table and the tied LM head: refused, naming them
+    with pytest.raises(SharedParameterError, match=rf"decoder\.embed_tokens\.weight.*{kind}EncoderModel"):
+        transport(source, target, encoder_vector, t5_calibration(1), transport_embeddings=True, progress=False)
+    assert all(torch.equal(value, before[key]) for key, value in target.state_dict().items())
+    if kind != "T5":
+        return
+    # the remedy the message gives: the encoder gets its own copy, and only the encoder's table moves
+    target.encoder.set_input_embeddings(copy.deepcopy(target.shared))
+    result = transport(source, target, encoder_vector, t5_calibration(2), transport_embeddings=True, progress=False)
+    assert "embed_tokens.weight" in result.task_vector
+    apply_task_vector(target.get_encoder(), result.task_vector)
+    assert not torch.equal(target.encoder.embed_tokens.weight, before["encoder.embed_tokens.weight"])
+    for key in ("shared.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(target.state_dict()[key], before[key]), key
+
+
 def t5_calibration(batches: int = 3) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     items = []
@@ -219,6 +244,13 @@ def test_t5_layer_maps_keep_the_relative_bias_in_the_first_block_whatever_they_b
     result = transport(source, deep, task_vector, t5_calibration(), layer_map=LayerMap((((1, 1.0),), ((3, 1.0),))),
                        progress=False)
     assert set(result.report.skipped) <= set(source.state_dict()) | set(deep.state_dict())
+    # the bias of source block 0 is carried into target block 0, so it is not one of the dropped keys
+    from theseus_transport.transport.layermap import unmapped_block_keys
+
+    keys = list(source.state_dict())
+    dropped = unmapped_block_keys(keys, prefix, LayerMap((((1, 1.0),), ((3, 1.0),))), reference_keys=keys)
+    assert f"{prefix}.0.{bias}" not in dropped and f"{prefix}.0.layer.1.DenseReluDense.wo.weight" in dropped
+    assert "no target block" not in result.report.skipped[f"{prefix}.0.{bias}"]  # skipped for being a position table
 
 
 def test_bitwise_deterministic_on_cpu():
@@ -330,6 +362,37 @@ def test_a_shallower_target_needs_a_layer_map_and_reports_the_blocks_it_leaves_o
     dropped = {key for key in task_vector if key.startswith(("transformer.resblocks.1.", "transformer.resblocks.3."))}
     assert dropped and dropped <= set(result.report.skipped)
     assert all("no target block" in result.report.skipped[key] for key in dropped)
+
+
+def test_a_first_block_only_parameter_carried_by_a_layer_map_is_not_reported_dropped():
+    from theseus_transport.families import GenericLinearAdapter
+
+    class Stack(nn.Module):
+        """One Linear per block; block 0 also has `first` (a first-block-only parameter, like T5's position bias)."""
+
+        def __init__(self, width: int, depth: int, seed: int) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.blocks = nn.ModuleList(nn.ModuleDict({"fc": nn.Linear(width, width)}) for _ in range(depth))
+            self.blocks[0]["first"] = nn.Linear(width, width)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.blocks[0]["first"](x)
+            for block in self.blocks:
+                x = x + torch.tanh(block["fc"](x))
+            return x
+
+    source, shallow = Stack(4, 4, 0), Stack(6, 2, 1)
+    task_vector = random_task_vector(source, lambda key: True)
+    generator = torch.Generator().manual_seed(0)
+    calibration = [(torch.randn(8, 5, 4, generator=generator), torch.randn(8, 5, 6, generator=generator)) for _ in range(3)]
+    # source block 0 is in no target block, yet its `first` goes to target block 0 (expand_state_dict)
+    result = transport(source, shallow, task_vector, calibration, family=GenericLinearAdapter(),
+                       layer_map=LayerMap((((1, 1.0),), ((3, 1.0),))), progress=False)
+    transported = {key.key for key in result.report.keys}
+    assert {"blocks.0.first.weight", "blocks.0.first.bias"} <= transported
+    assert not {"blocks.0.first.weight", "blocks.0.first.bias"} & set(result.report.skipped)
+    assert all("no target block" in result.report.skipped[key] for key in ("blocks.0.fc.weight", "blocks.2.fc.weight"))
 
 
 # ---- bad input: named errors, nothing written ------------------------------------------------

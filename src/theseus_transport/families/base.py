@@ -107,6 +107,13 @@ class FamilyAdapter(ABC):
         """Rules for the embedding-stage keys (transport_embeddings=True); families without one refuse."""
         raise ValueError(f"the {self.name!r} family has no embedding-stage transport; leave transport_embeddings off")
 
+    def check_embedding_target(self, model: nn.Module) -> None:
+        """Refuse a whole target model whose embedding stage parts outside its encoder also use (default: none do).
+
+        Called with the model as the user passed it (transport_embeddings=True), before `encoder`
+        hides what else holds the tensors the embedding update is written to.
+        """
+
     @abstractmethod
     @contextlib.contextmanager
     def capture(self, encoder: nn.Module, spaces: set[str]) -> Iterator[Capture]:

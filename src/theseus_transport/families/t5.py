@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..transport.errors import OfflineError
+from ..transport.errors import OfflineError, SharedParameterError
 from ..transport.heads import AttentionLayout
 from ..transport.rule import ParamRule, Piece
 from .base import Capture, FamilyAdapter, LinearLink, hook_input, hook_output, register_family
@@ -126,6 +126,37 @@ class T5EncoderAdapter(FamilyAdapter):
                 f"{target_vocab} tokens; rows are matched by token id, so the vocabularies must be the same"))
         return {key: rule for key in self._embedding_keys(source) | self._embedding_keys(target)}
 
+    def check_embedding_target(self, model: nn.Module) -> None:
+        """Refuse a whole encoder-decoder target: its encoder's token table is also its decoder's (and a tied LM head's).
+
+        The transported update of `embed_tokens.weight` would change those parts too, which nothing
+        transports: a silently different model. A T5EncoderModel's `shared` table is the encoder's own.
+        """
+        if type(model).__name__ in ENCODER_MODELS:
+            return
+        encoder = self.encoder(model)
+        if encoder is model:
+            return  # a bare stack: whatever else holds its table is out of sight
+        table = self._stack(encoder)[0].embed_tokens.weight
+        inside = tuple(f"{name}." for name, module in model.named_modules(remove_duplicate=False) if module is encoder)
+        # `shared` is the table itself (the model's input embeddings), not another reader of it
+        readers = [name for name, param in model.named_parameters(remove_duplicate=False)
+                   if _same_memory(param, table) and not name.startswith(inside)
+                   and name.rpartition(".")[0].rpartition(".")[2] != "shared"]
+        if not readers:
+            return
+        name = type(model).__name__
+        encoder_model = next((prefix for prefix in ("UMT5", "MT5", "T5") if name.startswith(prefix)), "T5") + "EncoderModel"
+        raise SharedParameterError(
+            f"transport_embeddings=True would change more than the encoder of this {name}: the encoder's token table "
+            f"(embed_tokens.weight) is one tensor with {', '.join(readers)}, so adding the transported embedding update "
+            "to it also changes the decoder's input embeddings (and the LM head, when tie_word_embeddings is true), "
+            f"which are not transported. Load the target as a {encoder_model}, or give its encoder its own copy of the "
+            "table first (model.encoder.set_input_embeddings(copy.deepcopy(model.shared))); passing model.encoder alone "
+            "does not help, it still holds the shared table. Or leave transport_embeddings off (the token table is then "
+            "not transported, as in the paper)"
+        )
+
     def _embedding_keys(self, encoder: nn.Module) -> set[str]:
         _, prefix = self._stack(encoder)
         keys = {f"{prefix}embed_tokens.weight"}
@@ -193,6 +224,16 @@ class T5EncoderAdapter(FamilyAdapter):
     def token_mask(self, batch: Any) -> torch.Tensor | None:
         """Return the attention mask, so padding tokens stay out of the statistics."""
         return batch.get("attention_mask") if isinstance(batch, dict) or hasattr(batch, "get") else None
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are one (a tied parameter), also when the tie is two Parameters over one storage."""
+    if a is b:
+        return True
+    if a.device != b.device or a.device.type == "meta":  # meta tensors have no memory to compare
+        return False
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.storage_offset() == b.storage_offset()
+            and a.shape == b.shape)
 
 
 def load_t5_encoder(model_id: str, device: str | torch.device = "cpu") -> nn.Module:

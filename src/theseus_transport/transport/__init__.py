@@ -30,6 +30,7 @@ from .errors import (
     OutputPathError,
     RunLogError,
     ShapeMismatchError,
+    SharedParameterError,
     TaskVectorKeyError,
     TheseusError,
     UnknownNameError,

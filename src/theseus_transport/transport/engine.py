@@ -692,6 +692,10 @@ def build_plans(
         get_method(variant["method"])
     started = time.perf_counter()
     adapter, source, target = resolve_family(family, source_base, target_base)
+    if any(variant["embeddings"] for variant in variants):
+        # only the whole target shows whether its embedding table is also another part's (a T5 decoder's);
+        # refused here, before any calibration pass
+        adapter.check_embedding_target(target_base)
     resolved_map = _resolve_depth(adapter, source, target, layer_map)
     original_source_shapes = None
     if resolved_map is not None:
@@ -847,7 +851,8 @@ def transport(
     task vector is already scaled by `alpha` and keyed like the target encoder's state dict.
     `transport_embeddings=True` also carries the embedding stage (OpenCLIP: patch embedding, class
     token, positional embedding, through a map of the embedding sum; T5: the token table's rows, through
-    a map of the embedding output, for one shared vocabulary): beyond the paper, off by default.
+    a map of the embedding output, for one shared vocabulary): beyond the paper, off by default. A whole
+    T5 encoder-decoder target is then refused (SharedParameterError): its decoder reads the same table.
     `attention_maps='heads'` gives q and k one shared map, and v and the attention context another,
     each a rotation per matched (source head, target head) pair, so every matched head's attention
     logits are preserved (heads.py); beyond the paper ('per_point', the default, is DESIGN item 6).

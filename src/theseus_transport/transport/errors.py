@@ -51,6 +51,10 @@ class OutputPathError(TheseusError, ValueError):
     """An output path the suite cannot write to safely (e.g. a tensor file not named *.safetensors)."""
 
 
+class SharedParameterError(TheseusError, ValueError):
+    """A parameter the transport would update is one tensor with parts of the model it does not transport."""
+
+
 class NonFiniteError(TheseusError, ValueError):
     """Tensors to be written or used contain NaN or Inf (e.g. a diverged fine-tune)."""
 

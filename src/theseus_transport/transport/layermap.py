@@ -127,11 +127,22 @@ def _block_names(keys: Collection[str], pattern: re.Pattern) -> dict[int, set[st
     return names
 
 
-def unmapped_block_keys(keys: Collection[str], block_prefix: str, layer_map: LayerMap) -> list[str]:
-    """The keys of source blocks that no target block of `layer_map` takes anything from."""
+def unmapped_block_keys(
+    keys: Collection[str], block_prefix: str, layer_map: LayerMap, reference_keys: Collection[str] | None = None,
+) -> list[str]:
+    """The keys of source blocks that no target block of `layer_map` takes anything from.
+
+    A first-block-only parameter of block 0 (T5's relative attention bias) is not one of them:
+    `expand_state_dict` always carries it into target block 0, whatever blocks the map blends.
+    `reference_keys` are as in `expand_state_dict` (the source model's keys, for a task vector).
+    """
     pattern = _block_pattern(block_prefix)
     used = {source for combination in layer_map.sources for source, _ in combination}
-    return sorted(key for key in keys if (match := pattern.match(key)) and int(match.group(1)) not in used)
+    # the same first-block-only names expand_state_dict carries, so the two never disagree
+    carried = {f"{block_prefix}.0.{name}"
+               for name in first_block_names(_block_names(reference_keys if reference_keys is not None else keys, pattern))}
+    return sorted(key for key in keys
+                  if (match := pattern.match(key)) and int(match.group(1)) not in used and key not in carried)
 
 
 def expand_module(encoder: nn.Module, blocks: nn.ModuleList, block_prefix: str, layer_map: LayerMap) -> nn.Module:

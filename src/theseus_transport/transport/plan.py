@@ -103,7 +103,8 @@ class TransportPlan:
         skipped: dict[str, str] = {}
         if self.layer_map is not None:
             # a layer map may leave source blocks out (a shallower target): their updates are not carried
-            for key in unmapped_block_keys(task_vector, self.block_prefix, self.layer_map):
+            reference = self.original_source_shapes or self.source_shapes
+            for key in unmapped_block_keys(task_vector, self.block_prefix, self.layer_map, reference_keys=reference):
                 skipped[key] = "its source block is in no target block of the layer map"
         task_vector = self.expand(task_vector)
         method = get_method(self.method)
