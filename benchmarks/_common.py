@@ -108,14 +108,18 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing results file")
 
 
+def refuse_taken(args: argparse.Namespace, *paths: Path, hint: str = "pass --results OTHER.json to write elsewhere") -> None:
+    """Stop, before any work, if one of `paths` exists and --overwrite was not given; `hint` says how to avoid it."""
+    taken = [p for p in paths if p.exists()]
+    if taken and not args.overwrite:
+        # the committed files hold the figures the README quotes; a trial run must not replace them
+        raise SystemExit(f"{', '.join(map(str, taken))} exists: {hint}, or --overwrite to replace it")
+
+
 def results_path(name: str, args: argparse.Namespace, *companions: Path) -> Path:
     """Where this run's JSON goes; refuses, before any work, to replace it (or a companion file) without --overwrite."""
     path = Path(args.results) if args.results is not None else RESULTS_DIR / f"{name}.json"
-    taken = [p for p in (path, *companions) if p.exists()]
-    if taken and not args.overwrite:
-        # the committed files hold the figures the README quotes; a trial run must not replace them
-        raise SystemExit(f"{', '.join(map(str, taken))} exists: pass --results OTHER.json to write elsewhere, "
-                         "or --overwrite to replace it")
+    refuse_taken(args, path, *companions)
     return path
 
 

@@ -30,12 +30,13 @@ import logging
 import pstats
 import statistics as pystats
 import time
+from pathlib import Path
 from typing import Any
 
 import _common
 import torch
-from _common import (SectionTimer, add_results_arguments, machine_info, peak_rss_bytes, results_path, sync, table,
-                     write_results)
+from _common import (SectionTimer, add_results_arguments, machine_info, peak_rss_bytes, refuse_taken, results_path,
+                     sync, table, write_results)
 from torch import nn
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -159,7 +160,8 @@ def main() -> None:
                         help="dtype of each batch's statistics products (totals stay float64)")
     parser.add_argument("--derive", choices=["both", "on", "off"], default="both",
                         help="derive_linear_outputs of the transport: on, off, or both side by side in this run")
-    parser.add_argument("--save-maps", default=None, help="torch.save the plan's maps and ranks here (to compare engines)")
+    parser.add_argument("--save-maps", type=Path, default=None,
+                        help="torch.save the plan's maps and ranks here (to compare engines); an existing file needs --overwrite")
     add_results_arguments(parser)
     args = parser.parse_args()
     name = f"bench_overhead_{args.preset}" if args.preset != "vit-b16" else "bench_overhead"
@@ -167,6 +169,8 @@ def main() -> None:
     # earlier sessions' files (one engine, every point captured) keep their names
     name += "_derive_on_off" if args.derive == "both" else f"_derive_{args.derive}"
     out = results_path(name, args)
+    if args.save_maps is not None:  # refused now, not after the timed runs
+        refuse_taken(args, args.save_maps, hint="pass another --save-maps path")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -286,7 +290,8 @@ def main() -> None:
     print(f"peak RSS of this process: {peak_rss_bytes() / 2**30:.2f} GiB"
           + (f"; peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.startswith("cuda") else ""))
     primary_label = next(iter(runs))
-    if args.save_maps:
+    if args.save_maps is not None:
+        args.save_maps.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"maps": runs[primary_label][0].plan.maps, "ranks": runs[primary_label][0].report.ranks}, args.save_maps)
 
     write_results(out, {

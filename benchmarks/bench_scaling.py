@@ -22,7 +22,7 @@ from typing import Any
 import _common
 import torch
 from _common import (BENCH_DIR, RESULTS_DIR, add_results_arguments, companion_path, machine_info,
-                     paired_random_batches, results_path, table, write_results)
+                     paired_random_batches, refuse_taken, results_path, table, write_results)
 from torch import nn
 
 WIDTHS = {"tiny (ViT-Ti)": (192, 224), "small (ViT-S)": (384, 448), "base (ViT-B)": (768, 896)}
@@ -67,11 +67,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: see README, shared 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--replot", action="store_true", help="only redraw scaling.png from results/bench_scaling.json")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plot of a results JSON (--results, default results/bench_scaling.json) "
+                             "to the PNG beside it (default scaling.png); an existing PNG needs --overwrite")
     add_results_arguments(parser)
     args = parser.parse_args()
     if args.replot:
-        plot(json.loads((RESULTS_DIR / "bench_scaling.json").read_text()), BENCH_DIR / "scaling.png")
+        replot(args)
         return
     png = companion_path(args, BENCH_DIR / "scaling.png", ".png")
     out = results_path("bench_scaling", args, png)
@@ -117,6 +119,16 @@ def main() -> None:
                "statistics_token_exponent": token_slope, "width_exponents": width_slopes}
     plot(payload, png)
     write_results(out, payload)
+
+
+def replot(args: argparse.Namespace) -> Path:
+    """Redraw the plot of a recorded run: --results names it (the committed JSON by default), the PNG goes beside it."""
+    source = Path(args.results) if args.results is not None else RESULTS_DIR / "bench_scaling.json"
+    png = companion_path(args, BENCH_DIR / "scaling.png", ".png")
+    # the default target is the committed scaling.png the README shows, as for a full run
+    refuse_taken(args, png, hint="pass --results RUN.json to draw that run's plot beside it")
+    plot(json.loads(source.read_text()), png)
+    return png
 
 
 def plot(payload: dict[str, Any], png: Path) -> None:

@@ -30,7 +30,8 @@ class ValidateAtStart(Callback):
         was_training = pl_module.training
         pl_module.eval()
         loader = trainer.datamodule.val_dataloader()
-        # the same batches and the same loss as the validation loop, so step 0 sits on the curve
+        # the same batches and the same loss as the validation loop, so step 0 sits on the curve (the
+        # batch limit applies per rank, as the loop's does)
         batches = _batch_limit(trainer.limit_val_batches, len(loader))
         total_loss, correct, count = 0.0, 0, 0
         precision = trainer.precision_plugin
@@ -45,6 +46,13 @@ class ValidateAtStart(Callback):
             correct += int(right.sum())
             count += len(right)
         pl_module.train(was_training)
+        if trainer.world_size > 1:
+            # under DDP the suite's datamodules give each rank its own unpadded share of the split
+            # (TaskDataModule.evaluation_sampler), so the figures are sums over ranks. Every rank reaches this
+            # one collective whatever its batch count; a loader that is not sharded is counted world_size
+            # times, which leaves the ratios unchanged.
+            totals = torch.tensor([total_loss, correct, count], dtype=torch.float64, device=pl_module.device)
+            total_loss, correct, count = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         if not count:
             return
         metrics = {self.loss_tag: total_loss / count, self.accuracy_tag: correct / count}

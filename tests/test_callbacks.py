@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import csv
 import re
 from datetime import timedelta
 from typing import Any
@@ -19,13 +20,13 @@ import open_clip
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 from torch import nn
 
 import theseus_transport.callbacks.theseus as theseus_module
-from theseus_transport.callbacks import TheseusCallback
+from theseus_transport.callbacks import TheseusCallback, ValidateAtStart
 from theseus_transport.data import ImageClassificationDataModule, TextPairDataModule
 from theseus_transport.families import load_base_encoder, load_t5_encoder
 from theseus_transport.modules import ImageClassifier, TextClassifier, snapshot_state
@@ -339,6 +340,61 @@ def test_ddp_refusals_stop_every_rank(tmp_path):
         with pytest.raises(Exception, match=message):
             trainer.fit(module, datamodule=data)
     assert taken.read_bytes() == b"not ours"
+
+
+def _uneven_text_data() -> TextPairDataModule:
+    # 9 validation and 5 test examples in batches of 2 on two ranks: rank 0 gets one example and one batch more
+    # than rank 1, and a padding DistributedSampler would evaluate example 0 twice
+    return text_data(eval_batch_size=2, val_limit=9, test_limit=5)
+
+
+def _buffered_text_module() -> TextClassifier:
+    module = _text_module(lr=0.0)  # lr = 0: a fit leaves the weights the reference was measured on
+    # a buffer makes DDP broadcast buffers at the first evaluation forward, as the image classifiers' heads do:
+    # the rank with fewer batches must still get there and not hang
+    module.register_buffer("probe", torch.ones(1))
+    return module
+
+
+@torch.no_grad()
+def _correct(module: TextClassifier, loader) -> torch.Tensor:
+    module.eval()
+    return torch.cat([module.evaluate_batch(batch)[1] for batch in loader])
+
+
+def test_ddp_evaluation_counts_every_example_once(tmp_path):
+    # one process: the reference figures
+    single = _buffered_text_module()
+    reference = {}
+    reference.update(_trainer(tmp_path, limit_val_batches=1.0).validate(single, datamodule=_uneven_text_data(), verbose=False)[0])
+    reference.update(_trainer(tmp_path).test(single, datamodule=_uneven_text_data(), verbose=False)[0])
+    data = _uneven_text_data()
+    data.setup("test")
+    for split, loader in (("val", data.val_dataloader()), ("test", data.test_dataloader())):
+        right = _correct(single, loader)
+        assert reference[f"{split}/acc"] == pytest.approx(float(right.float().mean()))
+        # the test can tell: counting example 0 twice (the padded DistributedSampler's figure) gives another value
+        assert float((right.sum() + right[0]) / (len(right) + 1)) != pytest.approx(reference[f"{split}/acc"])
+
+    def ddp() -> dict[str, Any]:  # a strategy object serves one trainer
+        return dict(strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=90)), devices=2)
+
+    # test: each rank evaluates its unpadded share, the metrics sum the shares
+    tested = _trainer(tmp_path, **ddp()).test(_buffered_text_module(), datamodule=_uneven_text_data(), verbose=False)[0]
+    assert tested["test/acc"] == pytest.approx(reference["test/acc"])
+    assert tested["test/loss"] == pytest.approx(reference["test/loss"], rel=1e-5)
+
+    # fit: ValidateAtStart at step 0 and the validation loop after step 1 (through the DDP wrapper), uneven batches
+    logger = CSVLogger(str(tmp_path / "logs"), name="ddp-eval", version=0)
+    trainer = _trainer(tmp_path, callbacks=[ValidateAtStart()], max_steps=1, limit_val_batches=1.0, val_check_interval=1,
+                       logger=logger, **ddp())
+    trainer.fit(_buffered_text_module(), datamodule=_uneven_text_data())
+    with open(tmp_path / "logs" / "ddp-eval" / "version_0" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/acc")]
+    assert len(rows) == 2  # step 0, then the validation loop
+    for row in rows:
+        assert float(row["val/acc"]) == pytest.approx(reference["val/acc"])
+        assert float(row["val/loss"]) == pytest.approx(reference["val/loss"], rel=1e-5)
 
 
 # ----- image classifier, eval mode -------------------------------------------------------------------------------

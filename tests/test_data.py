@@ -10,6 +10,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -17,6 +18,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DistributedSampler
 
 from theseus_transport.data import (
     TASK_TEMPLATES,
@@ -157,6 +159,32 @@ def test_calibration_prefers_the_calibration_split_and_shards(image_dict):
     assert sorted(sum(shards[0] + shards[1], [])) == sorted(indices)
     batch = next(iter(module.calibration_dataloader(source_model_name=SOURCE, rank=1, world_size=2)))
     assert batch["label"].tolist() == labels[2:4]
+
+
+def test_under_ddp_each_evaluation_example_goes_to_exactly_one_rank(image_dict):
+    # 6 validation and 12 test examples on 5 ranks: uneven shares, where Lightning's own DistributedSampler
+    # would pad by repeating examples
+    module = _image_module(image_dict, eval_batch_size=2)
+    loaders = ("val_dataloader", "test_dataloader", "predict_dataloader")
+    everything = {name: torch.cat([labels for _, labels in getattr(module, name)()]) for name in loaders}
+    shares: dict[str, list[list[int]]] = {name: [] for name in loaders}
+    for rank in range(5):
+        module.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 5, "rank": rank})
+        for name in loaders:
+            loader = getattr(module, name)()
+            # a DistributedSampler already: Lightning's _requires_distributed_sampler leaves it in place
+            assert isinstance(loader.sampler, DistributedSampler)
+            shares[name].append(list(loader.sampler))
+            assert len(torch.cat([labels for _, labels in loader])) == len(shares[name][-1])
+    for name in loaders:
+        indices = sorted(index for share in shares[name] for index in share)
+        assert indices == list(range(len(everything[name])))  # every example once, none repeated
+        assert max(map(len, shares[name])) - min(map(len, shares[name])) == 1
+    module.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 7, "rank": 0})
+    with pytest.raises(ValueError, match="6 examples cannot give each of 7 ranks one"):
+        module.val_dataloader()
+    module.trainer = SimpleNamespace(distributed_sampler_kwargs=None)  # one process: the plain order
+    assert not isinstance(module.test_dataloader().sampler, DistributedSampler)
 
 
 def test_calibration_needs_a_source_model(image_dict):

@@ -29,6 +29,7 @@ from theseus_transport.modules import (
     snapshot_state,
     warmup_cosine_factor,
 )
+from theseus_transport.modules.base import ExampleMean
 from theseus_transport.transport import apply_task_vector
 from theseus_transport.transport.errors import (
     FamilyMismatchError,
@@ -239,6 +240,23 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine_factor(110, 10, 110) == pytest.approx(0.0)
     factors = [warmup_cosine_factor(step, 10, 110) for step in range(10, 111)]
     assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_evaluation_losses_are_example_means_that_survive_a_module_wide_cast():
+    # what the Trainer does to the whole module under precision="bf16-true": the sums must stay float32
+    mean = ExampleMean().to(torch.bfloat16)
+    assert mean.total.dtype == torch.float32 and mean.count.dtype == torch.int64
+    for value, size in ((0.3, 3), (1.7, 1), (0.1, 300)):  # a bfloat16 sum would round these
+        mean.update(torch.tensor(value, dtype=torch.bfloat16), size)
+    bf16 = [float(torch.tensor(value, dtype=torch.bfloat16)) for value in (0.3, 1.7, 0.1)]
+    assert float(mean.compute()) == pytest.approx((bf16[0] * 3 + bf16[1] + bf16[2] * 300) / 304, rel=1e-6)
+    assert int(mean.count) == 304
+    mean.reset()
+    assert mean.total.dtype == torch.float32
+    # a diverged batch shows (MeanMetric would drop it with a warning)
+    mean.update(torch.tensor(float("nan")), 2)
+    mean.update(torch.tensor(1.0), 2)
+    assert torch.isnan(mean.compute())
 
 
 # ----- text classifier -------------------------------------------------------------------------------------------

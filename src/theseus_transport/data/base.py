@@ -10,7 +10,8 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from .calibration import CALIBRATION_PROTOCOLS, sample_k_batches, sample_k_shots
 from .sources import TOY_PREFIX, ZOO_PREFIX, load_dataset_dict
@@ -230,27 +231,55 @@ class TaskDataModule(L.LightningDataModule):
         return self._ensure_splits()
 
     # ----- dataloaders ------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler: Sampler | None = None) -> DataLoader:
+        if shuffle:
+            sampler = EpochRandomSampler(dataset, self.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochRandomSampler(dataset, self.seed) if shuffle else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self._collate(),
         )
+
+    def evaluation_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under a distributed trainer, this rank's unpadded share of an evaluation split; None otherwise.
+
+        Lightning would otherwise wrap evaluation loaders in a DistributedSampler, which repeats examples
+        until every rank has as many, so val/test figures would count some examples twice. Each example
+        goes to one rank instead (round robin, in order; ranks differ by at most one example and one
+        batch): the modules' torchmetrics metrics sum the shares, and Lightning keeps a sampler that
+        already is a DistributedSampler (DataConnector._requires_distributed_sampler). Code calling the
+        loaders directly (ValidateAtStart) gets the same share, so it must sum across ranks too.
+        """
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not kwargs or kwargs.get("num_replicas", 1) <= 1:
+            return None
+        replicas, size = int(kwargs["num_replicas"]), len(dataset)
+        # DDP broadcasts buffers at the first evaluation forward: a rank without a batch would leave the
+        # others waiting there. Every rank sees the same length, so every rank refuses together.
+        if 0 < size < replicas:
+            raise ValueError(
+                f"an evaluation split of {size} examples cannot give each of {replicas} ranks one: use at least "
+                f"{replicas} examples (val_limit / test_limit) or fewer devices"
+            )
+        return UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=int(kwargs["rank"]), shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training batches."""
         return self._loader(self._wrap("train"), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches in a fixed order."""
-        return self._loader(self._wrap("val"), self.eval_batch_size, shuffle=False)
+        """Validation batches in a fixed order (under DDP, this rank's share; see evaluation_sampler)."""
+        dataset = self._wrap("val")
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=self.evaluation_sampler(dataset))
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches in a fixed order."""
-        return self._loader(self._wrap("test"), self.eval_batch_size, shuffle=False)
+        """Test batches in a fixed order (under DDP, this rank's share; see evaluation_sampler)."""
+        dataset = self._wrap("test")
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=self.evaluation_sampler(dataset))
 
     def predict_dataloader(self) -> DataLoader:
         """The test batches, in the same fixed order, for `predict`."""

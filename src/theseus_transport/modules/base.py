@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,52 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..transport.errors import TheseusError
 from ..transport.io import check_tensor_path, check_writable, sidecar_path
 from .schedule import warmup_cosine_scheduler
 from .task_vector import snapshot_state, task_vector_from, write_task_vector
+
+
+class ExampleMean(Metric):
+    """The mean over examples of a value given per batch as (batch mean, batch size), kept as a sum and a count.
+
+    Under DDP evaluation ranks hold different numbers of examples (TaskDataModule.evaluation_sampler). Lightning's
+    ``self.log(..., sync_dist=True)`` mean then floors the summed batch size it averages across ranks, an integer
+    (lightning.pytorch.trainer.connectors.logger_connector.result._ResultMetric.compute, Lightning-AI/pytorch-lightning
+    issue 21859), and torchmetrics' MeanMetric either drops NaN values or, with nan_strategy="disable", its weights.
+    Sums of floats synced with dist_reduce_fx="sum" are exact for any split, and a NaN stays NaN.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._sum_dtype = torch.get_default_dtype()
+        self.add_state("total", default=torch.tensor(0.0, dtype=self._sum_dtype), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> nn.Module:
+        this = super()._apply(fn, exclude_state)
+        # torchmetrics keeps its states' dtype through .half() / .bfloat16() but not through .to(dtype), which a
+        # "-true" precision applies to the whole module: a bfloat16 sum would round the losses. set_dtype still works.
+        if this._dtype_convert:
+            this._sum_dtype = this.total.dtype
+        else:
+            this.total = this.total.to(this._sum_dtype)
+            this._defaults["total"] = this._defaults["total"].to(this._sum_dtype)
+        return this
+
+    def update(self, mean: torch.Tensor, size: int) -> None:
+        """Add a batch: its mean value and its number of examples."""
+        self.total += mean.detach().to(self.total.dtype) * size
+        self.count += size
+
+    def compute(self) -> torch.Tensor:
+        """The mean over every example seen (on every rank)."""
+        return self.total / self.count
 
 
 class EncoderClassifier(L.LightningModule):
@@ -55,6 +96,8 @@ class EncoderClassifier(L.LightningModule):
         self.base_state: dict[str, torch.Tensor] = {}
         self.num_classes: int | None = None
         self.task_vector_path: Path | None = None
+        # evaluation losses as metrics, not sync_dist means: exact when DDP ranks hold different counts
+        self.val_loss, self.test_loss = ExampleMean(), ExampleMean()
 
     # ----- construction ------------------------------------------------------------------------------
     def _save_own_hyperparameters(self) -> None:
@@ -124,7 +167,8 @@ class EncoderClassifier(L.LightningModule):
         logits, labels = self._logits_and_labels(batch)
         self.val_acc.update(logits, labels)
         size = labels.shape[0]
-        self.log("val/loss", self._loss(logits, labels), on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        self.val_loss.update(self._loss(logits, labels), size)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, batch_size=size)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -132,7 +176,8 @@ class EncoderClassifier(L.LightningModule):
         logits, labels = self._logits_and_labels(batch)
         self.test_acc.update(logits, labels)
         size = labels.shape[0]
-        self.log("test/loss", self._loss(logits, labels), on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+        self.test_loss.update(self._loss(logits, labels), size)
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True, batch_size=size)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, batch_size=size)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
