@@ -45,6 +45,19 @@ def test_quick_demo_writes_results_table_and_plots(tmp_path):
     assert "Averaged over tasks (the paper's Fig. 3 protocol)" in table
     assert "Theseus (paper)" in table and "Warm start" in table and "linear CKA" in table
     assert "the warm start begins from the target + Theseus (rank-aware, + embeddings, head-aware attention)" in table
+    assert "lr 0.0003 for both (the upper bound and the source's fine-tune: lr 0.001)" in table
+    # the race (warm start and its baseline) ran at warm_start_lr, the upper bound at the fine-tune's rate
+    import yaml
+
+    def rate(run: str | Path) -> float:
+        return yaml.safe_load((Path(run) / "hparams.yaml").read_text())["lr"]
+
+    for task, entry in results["tasks"].items():
+        warm = entry["warm_start"]
+        assert warm["lr"] == 3e-4 and [Path(run).name for run in warm["baseline_runs"]] == ["target_race_pretrained_seed0"]
+        assert [rate(run) for run in warm["baseline_runs"] + warm["warm_runs"]] == [3e-4, 3e-4]
+        assert rate(out / "runs" / task / "target_finetune_seed0") == rate(out / "runs" / task / "source_finetune") == 1e-3
+        assert entry["target_finetuned_test_acc_per_seed"] != [] and 0.0 <= warm["baseline_test_acc"] <= 1.0
     with pytest.raises(FileExistsError):
         from theseus_transport.zoo.demo import run_demo
 
@@ -118,12 +131,34 @@ def test_finetune_pool_size():
     assert main(["demo", "--quick", "--workers", "0"]) == 2  # refused before anything runs
     inline = _finetune_pool(DemoSettings(tasks=("sizes",), workers=1))
     assert isinstance(inline, _InlineExecutor) and inline.submit(pow, 2, 5).result() == 32
-    # never more workers than a task has fine-tunes (baseline and warm start per seed)
-    pool = _finetune_pool(DemoSettings(tasks=("sizes",), workers=8, warm_start_seeds=(0,)))
-    try:
-        assert isinstance(pool, ProcessPoolExecutor) and pool._max_workers == 2
-    finally:
-        pool.shutdown()
+    # never more workers than a task has target fine-tunes per seed: the upper bound, the race's baseline
+    # (a run of its own at warm_start_lr) and the warm start; two when the race reuses the upper bound's runs
+    for warm_start_lr, runs in ((3e-4, 3), (None, 2)):
+        pool = _finetune_pool(DemoSettings(tasks=("sizes",), workers=8, warm_start_seeds=(0,), warm_start_lr=warm_start_lr))
+        try:
+            assert isinstance(pool, ProcessPoolExecutor) and pool._max_workers == runs
+        finally:
+            pool.shutdown()
+
+
+def test_the_race_has_its_own_rate_and_runs_and_the_upper_bound_keeps_the_fine_tune_rate(tmp_path):
+    from theseus_transport.zoo.demo import DemoSettings, _run_names, demo_outputs
+
+    settings = DemoSettings(tasks=("sizes",), warm_start_seeds=(0, 1))
+    assert (settings.lr, settings.warm_start_lr, settings.race.lr) == (1e-3, 3e-4, 3e-4) and settings.separate_race
+    assert settings.race.warm_start_seeds == settings.warm_start_seeds and settings.race.warm_start_steps == 250
+    source, finetunes, baselines, warms = _run_names(settings)
+    assert finetunes == ["target_finetune_seed0", "target_finetune_seed1"]
+    assert baselines == ["target_race_pretrained_seed0", "target_race_pretrained_seed1"]
+    assert warms == ["target_warmstart_theseus_seed0", "target_warmstart_theseus_seed1"]
+    # every run folder is checked before the demo starts (a previous run's logs would merge into its curves)
+    _, runs = demo_outputs(settings, tmp_path)
+    assert sorted(run.name for run in runs) == sorted([source, *finetunes, *baselines, *warms])
+    # without a rate of its own, the race's baselines are the upper bound's runs, run once
+    same = DemoSettings(tasks=("sizes",), warm_start_lr=None)
+    assert same.race is same and not same.separate_race and _run_names(same)[1] == _run_names(same)[2]
+    assert not DemoSettings(tasks=("sizes",), warm_start_lr=1e-3).separate_race
+    assert len(demo_outputs(same, tmp_path)[1]) == 1 + 2 * len(same.warm_start_seeds)
 
 
 @pytest.mark.slow
@@ -143,7 +178,7 @@ def test_demo_settings_are_checked_before_any_work():
 
     for bad in (dict(tasks=()), dict(tasks=("sizes", "nope")), dict(finetune_steps=0), dict(eval_every=0),
                 dict(warm_start_steps=-1), dict(calibration_batches=()), dict(calibration_batches=(0, 5)),
-                dict(held_out_batches=0), dict(lr=0.0)):
+                dict(held_out_batches=0), dict(lr=0.0), dict(warm_start_lr=0.0), dict(warm_start_lr=-1e-3)):
         with pytest.raises(ValueError):
             DemoSettings(**{"tasks": ("sizes",), **bad})
 

@@ -68,10 +68,14 @@ def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> str:
             lines += ["", "Gap recovered with α swept on the validation split (the paper's protocol): "
                       + ", ".join(f"{label} {100 * value:.0f} %" for label, value in swept.items())]
         lines += [""]
-    warm_variant = results["settings"].get("warm_start_variant", "Theseus (rank-aware)")
+    settings = results["settings"]
+    warm_variant = settings.get("warm_start_variant", "Theseus (rank-aware)")
+    race_lr = settings.get("warm_start_lr") or settings["lr"]
+    rate = (f"lr {race_lr:g} for both" if race_lr == settings["lr"] else
+            f"lr {race_lr:g} for both (the upper bound and the source's fine-tune: lr {settings['lr']:g})")
     lines += ["## Warm start", "",
               "Steps for the target to reach the validation accuracy that fine-tuning from the pretrained target has at its "
-              f"final step; same settings and seeds; the warm start begins from the target + {warm_variant}, α=1. "
+              f"final step; same settings and seeds, {rate}; the warm start begins from the target + {warm_variant}, α=1. "
               f"Both curves are means over the fine-tuning seeds {list(results['settings'].get('warm_start_seeds', (0,)))} "
               "(training data order; the transport is the same for every seed).", "",
               "| task | target val acc | from pretrained: steps run / first reached | from Theseus: steps to target | ratio | val acc at step 0 (pretrained / Theseus) |",
