@@ -17,6 +17,7 @@ from pathlib import Path
 
 import datasets
 import huggingface_hub
+import lightning as L
 import open_clip
 import pytest
 import yaml
@@ -190,6 +191,23 @@ def test_a_fit_resumes_and_a_checkpoint_evaluates_through_the_cli(tmp_path, monk
     # LightningCLI reads the checkpoint's hyperparameters back (its own `_class_path` among them)
     assert main(["fit", *config, "--trainer.max_steps", "3", "--ckpt_path", str(checkpoint)]) == 0
     assert main(["validate", *config[:2], "--trainer.limit_val_batches", "1", "--ckpt_path", str(checkpoint)]) == 0
+
+
+class CallbackWithItsOwnPreflight(L.Callback):
+    """A user's callback whose `preflight` means something else (and takes no arguments)."""
+
+    def preflight(self) -> None:
+        raise AssertionError("the CLI called a user's own preflight with the suite's arguments")
+
+
+def test_the_cli_runs_only_the_suites_own_preflight_checks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(CONFIGS / "offline/t5_finetune_source.yaml"), "--model.init_args.task_vector_out", "null",
+            "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks+=test_configs.CallbackWithItsOwnPreflight"]
+    cli = lightning_main(args)
+    assert any(isinstance(callback, CallbackWithItsOwnPreflight) for callback in cli.trainer.callbacks)
+    assert cli.trainer.global_step == 1
 
 
 def test_the_data_follows_the_model_it_feeds(tiny_vit):

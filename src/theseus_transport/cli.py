@@ -64,14 +64,17 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> Any:
         def _preflight(self, stage: str) -> None:
             # checks that need no model run, made before Lightning saves the run's config.yaml: a run
             # refused here leaves no log folder behind that would refuse the corrected rerun
+            from theseus_transport.callbacks import TheseusCallback
+            from theseus_transport.modules.base import EncoderClassifier
+
             ckpt_path = self.config.get(self.subcommand, {}).get("ckpt_path")
+            # only this suite's own checks: a user's callback or module may have a `preflight` of its own
+            # that expects other arguments (subclasses inherit ours, and their overrides keep its signature)
             for callback in self.trainer.callbacks:
-                check = getattr(callback, "preflight", None)
-                if callable(check):
-                    check(self.model, self.datamodule, stage, resuming=ckpt_path is not None)  # from a checkpoint
-            check = getattr(self.model, "preflight", None)
-            if callable(check):
-                check(self.datamodule, stage)
+                if isinstance(callback, TheseusCallback):
+                    callback.preflight(self.model, self.datamodule, stage, resuming=ckpt_path is not None)
+            if isinstance(self.model, EncoderClassifier):
+                self.model.preflight(self.datamodule, stage)
 
         def before_fit(self) -> None:
             self._preflight("fit")
