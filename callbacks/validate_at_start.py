@@ -27,6 +27,8 @@ class ValidateAtStart(Callback):
         """Evaluate the datamodule's validation split once before the first step."""
         if trainer.global_step != 0 or trainer.datamodule is None:
             return  # resumed runs already have their curve
+        if trainer.limit_val_batches == 0:
+            return  # validation is off: no curve to start (the same on every rank, so no rank waits below)
         was_training = pl_module.training
         pl_module.eval()
         loader = trainer.datamodule.val_dataloader()

@@ -11,6 +11,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import csv
 import re
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import datasets
@@ -553,3 +554,14 @@ def test_training_order_is_a_function_of_the_epoch_for_exact_resume():
     assert labels_of_epoch(1) == second and labels_of_epoch(0) == first
     orders = [[int(i) for i in loader.sampler] for _ in range(2)]
     assert orders[0] != orders[1]  # plain loops without set_epoch still reshuffle
+
+
+def test_validate_at_start_builds_no_loader_when_validation_is_off():
+    # limit_val_batches=0: Lightning builds no val loader, and under DDP a split smaller than the ranks would be
+    # refused by the datamodule's evaluation sampler; the step-0 row has nothing to be part of
+    class NoValidation:
+        def val_dataloader(self) -> None:
+            raise AssertionError("ValidateAtStart built a val loader with validation off")
+
+    trainer = SimpleNamespace(global_step=0, datamodule=NoValidation(), limit_val_batches=0, world_size=2)
+    ValidateAtStart().on_train_start(trainer, torch.nn.Linear(1, 1))

@@ -183,6 +183,13 @@ def test_under_ddp_each_evaluation_example_goes_to_exactly_one_rank(image_dict):
     module.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 7, "rank": 0})
     with pytest.raises(ValueError, match="6 examples cannot give each of 7 ranks one"):
         module.val_dataloader()
+    # a fractional limit that leaves the smaller shares no batch (Lightning would refuse on those ranks alone,
+    # with the others waiting): refused on every rank, rank 0 included, whose share would have a batch
+    module.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 5, "rank": 0},
+                                     limit_val_batches=0.5, limit_test_batches=1)
+    with pytest.raises(ValueError, match="fractional batch limit of 0.5 leaves no batch of 2 examples"):
+        module.val_dataloader()
+    assert len(list(module.test_dataloader().sampler)) == 3  # a whole number of batches is a cap, fine on any share
     module.trainer = SimpleNamespace(distributed_sampler_kwargs=None)  # one process: the plain order
     assert not isinstance(module.test_dataloader().sampler, DistributedSampler)
 

@@ -243,16 +243,29 @@ def test_warmup_cosine_schedule():
 
 
 def test_evaluation_losses_are_example_means_that_survive_a_module_wide_cast():
-    # what the Trainer does to the whole module under precision="bf16-true": the sums must stay float32
+    # what the Trainer does to the whole module under precision="bf16-true": the sum must stay float64
     mean = ExampleMean().to(torch.bfloat16)
-    assert mean.total.dtype == torch.float32 and mean.count.dtype == torch.int64
+    assert mean.total.dtype == torch.float64 and mean.count.dtype == torch.int64
     for value, size in ((0.3, 3), (1.7, 1), (0.1, 300)):  # a bfloat16 sum would round these
         mean.update(torch.tensor(value, dtype=torch.bfloat16), size)
     bf16 = [float(torch.tensor(value, dtype=torch.bfloat16)) for value in (0.3, 1.7, 0.1)]
     assert float(mean.compute()) == pytest.approx((bf16[0] * 3 + bf16[1] + bf16[2] * 300) / 304, rel=1e-6)
     assert int(mean.count) == 304
     mean.reset()
-    assert mean.total.dtype == torch.float32
+    assert mean.total.dtype == torch.float64
+    # built while bf16 is the default dtype (Trainer.init_module under "bf16-true"), or cast to float64
+    # ("64-true"): the sum neither rounds to bfloat16 nor narrows a float64 loss to float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        built = ExampleMean()
+    finally:
+        torch.set_default_dtype(previous)
+    assert built.total.dtype == torch.float64
+    wide = ExampleMean().to(torch.float64)
+    wide.update(torch.tensor(1 / 3, dtype=torch.float64), 3)
+    wide.update(torch.tensor(1e-9, dtype=torch.float64), 1)
+    assert float(wide.compute()) == (1 / 3 * 3 + 1e-9) / 4
     # a diverged batch shows (MeanMetric would drop it with a warning)
     mean.update(torch.tensor(float("nan")), 2)
     mean.update(torch.tensor(1.0), 2)

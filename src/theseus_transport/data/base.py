@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -243,7 +244,7 @@ class TaskDataModule(L.LightningDataModule):
             collate_fn=self._collate(),
         )
 
-    def evaluation_sampler(self, dataset: Dataset) -> Sampler | None:
+    def evaluation_sampler(self, dataset: Dataset, limit_batches: int | float | None = None) -> Sampler | None:
         """Under a distributed trainer, this rank's unpadded share of an evaluation split; None otherwise.
 
         Lightning would otherwise wrap evaluation loaders in a DistributedSampler, which repeats examples
@@ -265,6 +266,15 @@ class TaskDataModule(L.LightningDataModule):
                 f"an evaluation split of {size} examples cannot give each of {replicas} ranks one: use at least "
                 f"{replicas} examples (val_limit / test_limit) or fewer devices"
             )
+        # Lightning applies a fractional batch limit per rank, and refuses 0 batches on that rank alone, while
+        # the other ranks wait for it: refused here on every rank together (shares differ by one example)
+        smallest = math.ceil((size // replicas) / self.eval_batch_size)
+        if isinstance(limit_batches, float) and 0.0 < limit_batches < 1.0 and int(smallest * limit_batches) == 0:
+            raise ValueError(
+                f"a fractional batch limit of {limit_batches} leaves no batch of {self.eval_batch_size} examples to the "
+                f"rank with {size // replicas} of this split's {size} examples ({replicas} ranks): raise the limit, give "
+                "it as a number of batches, or use fewer devices"
+            )
         return UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=int(kwargs["rank"]), shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
@@ -274,12 +284,14 @@ class TaskDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order (under DDP, this rank's share; see evaluation_sampler)."""
         dataset = self._wrap("val")
-        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=self.evaluation_sampler(dataset))
+        limit = getattr(self.trainer, "limit_val_batches", None)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=self.evaluation_sampler(dataset, limit))
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order (under DDP, this rank's share; see evaluation_sampler)."""
         dataset = self._wrap("test")
-        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=self.evaluation_sampler(dataset))
+        limit = getattr(self.trainer, "limit_test_batches", None)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=self.evaluation_sampler(dataset, limit))
 
     def predict_dataloader(self) -> DataLoader:
         """The test batches, in the same fixed order, for `predict`."""

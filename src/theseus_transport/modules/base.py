@@ -30,26 +30,26 @@ class ExampleMean(Metric):
     ``self.log(..., sync_dist=True)`` mean then floors the summed batch size it averages across ranks, an integer
     (lightning.pytorch.trainer.connectors.logger_connector.result._ResultMetric.compute, Lightning-AI/pytorch-lightning
     issue 21859), and torchmetrics' MeanMetric either drops NaN values or, with nan_strategy="disable", its weights.
-    Sums of floats synced with dist_reduce_fx="sum" are exact for any split, and a NaN stays NaN.
+    Sums synced with dist_reduce_fx="sum" are exact for any split, and a NaN stays NaN. Dtype policy: the sum is
+    float64 (float32 on MPS, which has no float64) whatever the module is cast to, so a bf16 or float64 run's losses
+    are neither rounded by the sum nor narrowed to float32.
     """
 
     full_state_update = False
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._sum_dtype = torch.get_default_dtype()
-        self.add_state("total", default=torch.tensor(0.0, dtype=self._sum_dtype), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> nn.Module:
+        # MPS has no float64: a sum bound there goes as float32 (cast before the move, which would fail)
+        dtype = torch.float32 if fn(torch.zeros(1, device=self.total.device)).device.type == "mps" else torch.float64
+        self.total, self._defaults["total"] = self.total.to(dtype), self._defaults["total"].to(dtype)
         this = super()._apply(fn, exclude_state)
-        # torchmetrics keeps its states' dtype through .half() / .bfloat16() but not through .to(dtype), which a
-        # "-true" precision applies to the whole module: a bfloat16 sum would round the losses. set_dtype still works.
-        if this._dtype_convert:
-            this._sum_dtype = this.total.dtype
-        else:
-            this.total = this.total.to(this._sum_dtype)
-            this._defaults["total"] = this._defaults["total"].to(this._sum_dtype)
+        # torchmetrics guards its states' dtype against .half() / .double() but not against .to(dtype), which a
+        # "-true" precision applies to the whole module
+        this.total, this._defaults["total"] = this.total.to(dtype), this._defaults["total"].to(dtype)
         return this
 
     def update(self, mean: torch.Tensor, size: int) -> None:
