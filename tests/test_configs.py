@@ -210,6 +210,28 @@ def test_the_cli_runs_only_the_suites_own_preflight_checks(tmp_path, monkeypatch
     assert cli.trainer.global_step == 1
 
 
+def test_reruns_into_taken_outputs_are_refused_as_one_line_naming_the_remedy(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(CONFIGS / "offline/t5_finetune_source.yaml"), "--trainer.enable_progress_bar", "false"]
+    pinned = ["validate", *config, "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.version", "pinned"]
+    assert main(pinned) == 0
+    saved = tmp_path / "outputs/offline/t5_finetune_source/pinned/config.yaml"
+    before = saved.read_text()
+    # a pinned logger version run twice (every paper task file pins one): LightningCLI's own refusal is a
+    # traceback whose remedy this CLI does not offer
+    assert main(pinned) == 1
+    error = capsys.readouterr().err
+    assert "OutputExistsError" in error and "outputs/offline/t5_finetune_source/pinned/config.yaml exists" in error and "--trainer.logger.init_args.version" in error
+    assert "Traceback" not in error and saved.read_text() == before
+    # a taken task vector: the remedy named is the one `theseus fit` accepts (it has no --overwrite flag)
+    vector = tmp_path / "task_vectors/t5-tiny-offline/objects.safetensors"
+    vector.parent.mkdir(parents=True)
+    vector.write_bytes(b"the user's file")
+    assert main(["fit", *config, "--trainer.max_steps", "1"]) == 1
+    assert "pass overwrite=True (theseus fit: --model.init_args.overwrite true)" in capsys.readouterr().err
+    assert vector.read_bytes() == b"the user's file"
+
+
 def test_the_data_follows_the_model_it_feeds(tiny_vit):
     # overriding the model's name is enough: the datamodule preprocesses (or tokenises) for it
     cli = lightning_main(["--config", str(CONFIGS / "offline/zeroshot_target.yaml"), "--model.init_args.model_name", tiny_vit,

@@ -248,7 +248,8 @@ class EncoderClassifier(L.LightningModule):
         """Refuse, before a run writes anything, a fit whose task vector output is taken or cannot be a file."""
         path = self.resolved_task_vector_out(datamodule) if stage == "fit" else None
         if path is not None:
-            check_writable(check_tensor_path(path), sidecar_path(path), overwrite=self.overwrite)
+            check_writable(check_tensor_path(path), sidecar_path(path), overwrite=self.overwrite,
+                           how="overwrite=True (theseus fit: --model.init_args.overwrite true)")
 
     def on_fit_start(self) -> None:
         """Put the model in training mode and refuse an existing task_vector_out before training."""

@@ -70,8 +70,11 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_writable(*paths: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raise OutputExistsError if any path exists and overwriting was not asked for (OutputPathError if it cannot be a file)."""
+def check_writable(*paths: str | os.PathLike, overwrite: bool = False, how: str = "overwrite=True (CLI: --overwrite)") -> None:
+    """Raise OutputExistsError if any path exists and overwriting was not asked for (OutputPathError if it cannot be a file).
+
+    `how` says how the caller's user asks for overwriting (a Lightning module's setting is not a CLI flag).
+    """
     for path in map(Path, paths):
         if path.is_dir():
             raise OutputPathError(f"{path} is a directory; give a file name")
@@ -79,7 +82,7 @@ def check_writable(*paths: str | os.PathLike, overwrite: bool = False) -> None:
         if blocking is not None:
             raise OutputPathError(f"cannot write {path}: {blocking} is a file, not a directory")
         if path.exists() and not overwrite:
-            raise OutputExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+            raise OutputExistsError(f"{path} exists; pass {how} to replace it")
 
 
 @contextlib.contextmanager
