@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.trainer.states import TrainerFn
 
 
@@ -35,9 +36,22 @@ class StepsToTarget(Callback):
         self.monitor, self.target, self.mode = monitor, target, mode
         self.reached_at: int | None = None
         self.optimizer_steps: int | None = None
+        # the best value seen, so a fit that ends short of the target says how far it got
+        self.best: float | None = None
 
     def _reached(self, value: float) -> bool:
         return value >= self.target if self.mode == "max" else value <= self.target
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.mode == "max" else value < than
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say whether the target was reached: a run that ends short of it logs no steps_to_target point at all."""
+        if self.reached_at is not None:
+            rank_zero_info(f"StepsToTarget: {self.monitor} reached {self.target} at step {self.reached_at}")
+        elif self.best is not None:
+            rank_zero_info(f"StepsToTarget: {self.monitor} did not reach {self.target} in {trainer.global_step} steps "
+                           f"(best {self.best:.4g}); lower `target` to time this run")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Check the monitored metric after each validation run of a fit."""
@@ -48,6 +62,8 @@ class StepsToTarget(Callback):
     def observe(self, trainer: L.Trainer, metrics: Mapping[str, Any], step: int) -> None:
         """Record ``step`` if ``metrics`` (a validation's results) reach the target first (ValidateAtStart's step 0, too)."""
         value = metrics.get(self.monitor)
+        if value is not None and (self.best is None or self._better(float(value), self.best)):
+            self.best = float(value)
         if self.reached_at is None and value is not None and self._reached(float(value)):
             self.reached_at, self.optimizer_steps = step, trainer.global_step
             for logger in trainer.loggers:
@@ -60,9 +76,11 @@ class StepsToTarget(Callback):
             "optimizer_steps": self.optimizer_steps,
             "monitor": self.monitor,
             "target": self.target,
+            "best": self.best,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the recorded step on resume."""
         self.reached_at = state_dict.get("reached_at")
         self.optimizer_steps = state_dict.get("optimizer_steps")
+        self.best = state_dict.get("best")

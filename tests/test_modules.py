@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -412,6 +413,19 @@ def test_step_zero_counts_for_steps_to_target():
     trainer.fit(module, datamodule=text_data(max_length=48, batch_size=8))
     assert reached.reached_at == 0 and reached.optimizer_steps == 0
     assert [step for step, metrics in logger.logged if "steps_to_target/val/acc" in metrics] == [0]
+
+
+def test_a_fit_that_ends_short_of_its_target_says_so(caplog):
+    L.seed_everything(5)
+    module = TextClassifier("t5-tiny-offline", num_classes=2)
+    unreachable = StepsToTarget(monitor="val/acc", target=1.5)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=RecordingLogger(), limit_val_batches=1, val_check_interval=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[ValidateAtStart(), unreachable])
+    with caplog.at_level(logging.INFO):
+        trainer.fit(module, datamodule=text_data(max_length=48, batch_size=8))
+    assert unreachable.reached_at is None and unreachable.best is not None and 0.0 <= unreachable.best <= 1.0
+    assert f"val/acc did not reach 1.5 in 2 steps (best {unreachable.best:.4g})" in caplog.text
 
 
 def test_a_true_half_precision_fit_writes_only_what_training_changed(tmp_path):
