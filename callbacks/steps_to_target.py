@@ -61,10 +61,12 @@ class StepsToTarget(Callback):
 
     def observe(self, trainer: L.Trainer, metrics: Mapping[str, Any], step: int) -> None:
         """Record ``step`` if ``metrics`` (a validation's results) reach the target first (ValidateAtStart's step 0, too)."""
-        value = metrics.get(self.monitor)
-        if value is not None and (self.best is None or self._better(float(value), self.best)):
-            self.best = float(value)
-        if self.reached_at is None and value is not None and self._reached(float(value)):
+        if metrics.get(self.monitor) is None:
+            return
+        value = float(metrics[self.monitor])
+        if self.best is None or self._better(value, self.best):
+            self.best = value
+        if self.reached_at is None and self._reached(value):
             self.reached_at, self.optimizer_steps = step, trainer.global_step
             for logger in trainer.loggers:
                 logger.log_metrics({f"steps_to_target/{self.monitor}": float(step)}, step=step)

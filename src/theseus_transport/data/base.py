@@ -281,17 +281,18 @@ class TaskDataModule(L.LightningDataModule):
         """Shuffled (seeded) training batches."""
         return self._loader(self._wrap("train"), self.batch_size, shuffle=True)
 
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        dataset = self._wrap(split)
+        limit = getattr(self.trainer, f"limit_{split}_batches", None)  # the trainer's limit for this split
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=self.evaluation_sampler(dataset, limit))
+
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order (under DDP, this rank's share; see evaluation_sampler)."""
-        dataset = self._wrap("val")
-        limit = getattr(self.trainer, "limit_val_batches", None)
-        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=self.evaluation_sampler(dataset, limit))
+        return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order (under DDP, this rank's share; see evaluation_sampler)."""
-        dataset = self._wrap("test")
-        limit = getattr(self.trainer, "limit_test_batches", None)
-        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=self.evaluation_sampler(dataset, limit))
+        return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """The test batches, in the same fixed order, for `predict`."""

@@ -76,7 +76,7 @@ def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> str:
     lines += ["## Warm start", "",
               "Steps for the target to reach the validation accuracy that fine-tuning from the pretrained target has at its "
               f"final step; same settings and seeds, {rate}; the warm start begins from the target + {warm_variant}, α=1. "
-              f"Both curves are means over the fine-tuning seeds {list(results['settings'].get('warm_start_seeds', (0,)))} "
+              f"Both curves are means over the fine-tuning seeds {list(settings.get('warm_start_seeds', (0,)))} "
               "(training data order; the transport is the same for every seed).", "",
               "| task | target val acc | from pretrained: steps run / first reached | from Theseus: steps to target | ratio | val acc at step 0 (pretrained / Theseus) |",
               "|---|---|---|---|---|---|"]
