@@ -110,6 +110,19 @@ def test_warm_start_summary_times_seed_mean_curves(tmp_path):
     assert average["target_val_acc"] == pytest.approx(0.8)
     assert average["warm_steps_to_target"] == 20 and average["baseline_steps_to_target"] == 30
     assert average["warm_final_val_acc"] == pytest.approx(0.825)
+    # the last evaluation within a third of the 30 steps is step 10, where the warm mean is 0.775
+    assert average["warm_step_at_third"] == 10 and average["warm_val_acc_at_third"] == pytest.approx(0.775)
+    # each seed alone, over both tasks: seed 0 (b0, b2 / w0, w2) targets 0.85 and the warm start reaches it at
+    # step 20; seed 1 (b1, b2 / w1, w2) targets 0.75, reached at step 10; neither is the mean's step 20 twice
+    readings = average["per_seed"]
+    assert [reading["target_val_acc"] for reading in readings] == [pytest.approx(0.85), pytest.approx(0.75)]
+    assert [reading["warm_steps_to_target"] for reading in readings] == [20, 10]
+    assert [reading["baseline_steps_to_target"] for reading in readings] == [30, 30]
+    from theseus_transport.zoo.report import _average_readings_lines
+
+    table = "\n".join(_average_readings_lines({"settings": {"warm_start_seeds": [4, 7]}}, average))
+    assert "At step 10, the last evaluation within a third of the run, the warm start's mean curve is at 77.50 %" in table
+    assert "accuracy, 85.00 / 75.00 %): the warm start reaches it at step 20 / 10 (seeds 4 / 7), ratio 0.67 / 0.33." in table
 
 
 def test_warm_start_seeds_are_checked():
@@ -119,6 +132,18 @@ def test_warm_start_seeds_are_checked():
     for seeds in ((), (1, 1)):
         with pytest.raises(ValueError, match="warm_start_seeds"):
             DemoSettings(tasks=("sizes",), warm_start_seeds=seeds)
+
+
+def test_demo_command_takes_other_warm_start_seeds(monkeypatch, capsys):
+    import theseus_transport.zoo.demo as demo_module
+
+    seen = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda **options: seen.append(options["settings"]))
+    assert main(["demo", "--warm-start-seeds", "3", "4", "5", "--workers", "2"]) == 0
+    assert seen[0].warm_start_seeds == (3, 4, 5) and seen[0].workers == 2 and len(seen[0].tasks) == 8
+    assert main(["demo", "--quick"]) == 0 and seen[1].warm_start_seeds == (0,)
+    assert main(["demo", "--quick", "--warm-start-seeds", "1", "1"]) == 2 and len(seen) == 2  # refused, nothing ran
+    assert "warm_start_seeds must be distinct" in capsys.readouterr().err
 
 
 def test_finetune_pool_size():

@@ -317,12 +317,16 @@ def demo_main(options: argparse.Namespace) -> int:
     from .zoo.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if options.quick else DemoSettings.full()
+    changes: dict[str, Any] = {}
     if options.workers is not None:
-        try:
-            settings = replace(settings, workers=options.workers)
-        except ValueError as error:  # the settings check their own values
-            print(f"theseus demo: {error}", file=sys.stderr)
-            return 2
+        changes["workers"] = options.workers
+    if options.warm_start_seeds is not None:
+        changes["warm_start_seeds"] = tuple(options.warm_start_seeds)
+    try:
+        settings = replace(settings, **changes)
+    except ValueError as error:  # the settings check their own values
+        print(f"theseus demo: {error}", file=sys.stderr)
+        return 2
     run_demo(output_dir=options.output_dir, overwrite=options.overwrite, cache_dir=options.cache_dir, settings=settings)
     return 0
 
@@ -369,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--workers", type=int, default=None,
                       help="processes for the target fine-tunes (default: one per core for the full demo, 1 for --quick)")
+    demo.add_argument("--warm-start-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                      help="fine-tuning seeds of the warm start and its baseline (default: 0 1 2; --quick: 0); "
+                           "other seeds replicate the race")
     options = parser.parse_args(argv)
     if options.command is None:
         parser.print_help()

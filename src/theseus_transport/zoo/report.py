@@ -109,6 +109,7 @@ def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> str:
                   f"final step {average['baseline_steps']} is {100 * average['target_val_acc']:.1f} %; the warm start's "
                   f"mean curve {outcome} (it ends at {100 * average['warm_final_val_acc']:.1f} %). "
                   f"Plot: `{Path(average['plot']).name}`.", ""]
+        lines += _average_readings_lines(results, average)
     lines += _diagnostics_lines(results)
     lines += _depth_lines(results)
     lines += _alignment_lines(results)
@@ -116,6 +117,26 @@ def write_markdown(results: dict[str, Any], path: str | os.PathLike) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
     return text
+
+
+def _average_readings_lines(results: dict[str, Any], average: dict[str, Any]) -> list[str]:
+    """How close the task-mean warm start is at a third of the run, and the same race read per seed."""
+    lines = []
+    if average.get("warm_step_at_third") is not None:
+        lines.append(f"At step {average['warm_step_at_third']}, the last evaluation within a third of the run, the "
+                     f"warm start's mean curve is at {100 * average['warm_val_acc_at_third']:.2f} % against the "
+                     f"target's {100 * average['target_val_acc']:.2f} %.")
+    readings = average.get("per_seed") or []
+    if len(readings) > 1:
+        seeds = results["settings"]["warm_start_seeds"]
+        steps = [reading["warm_steps_to_target"] for reading in readings]
+        ratios = " / ".join("-" if step is None else f"{step / average['baseline_steps']:.2f}" for step in steps)
+        targets = " / ".join(f"{100 * reading['target_val_acc']:.2f}" for reading in readings)
+        reached = " / ".join("never" if step is None else str(step) for step in steps)
+        lines.append(f"Each fine-tuning seed alone (its task-mean curves, against its own baseline's final accuracy, "
+                     f"{targets} %): the warm start reaches it at step {reached} "
+                     f"(seeds {' / '.join(str(seed) for seed in seeds)}), ratio {ratios}.")
+    return [*lines, ""] if lines else []
 
 
 def _alignment_lines(results: dict[str, Any]) -> list[str]:
