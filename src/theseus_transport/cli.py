@@ -374,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workers", type=int, default=None,
                       help="processes for the target fine-tunes (default: one per core for the full demo, 1 for --quick)")
     demo.add_argument("--warm-start-seeds", type=int, nargs="+", default=None, metavar="SEED",
-                      help="fine-tuning seeds of the warm start and its baseline (default: 0 1 2; --quick: 0); "
-                           "other seeds replicate the race")
+                      help="fine-tuning seeds of the target: the upper bound, the warm start and its baseline "
+                           "(default: 0 1 2; --quick: 0); other seeds replicate them")
     options = parser.parse_args(argv)
     if options.command is None:
         parser.print_help()

@@ -91,8 +91,9 @@ class DemoSettings:
     # task above chance; docs/zoo.md, sessions 6 and 9). The upper bound stays the `lr` fine-tune: the
     # stronger one, so the gap to recover is not made smaller by this choice.
     warm_start_lr: float | None = 3e-4
-    # fine-tuning seeds (data order) of the warm start and its baseline: one run's curve moves by several
-    # points between evaluations at these sizes (docs/zoo.md, session 6), so both curves are seed means
+    # fine-tuning seeds (data order) of the target's runs, the upper bound, the warm start and its baseline:
+    # one run's curve moves by several points between evaluations at these sizes (docs/zoo.md, session 6),
+    # so every curve and the upper bound are seed means
     warm_start_seeds: tuple[int, ...] = (0, 1, 2)
     # the transport that initialises the warm start (a label of VARIANTS): the one that carried the most
     # of the tasks at alpha = 1 in a probe on the saved task vectors of a full demo (docs/zoo.md, session 5)
