@@ -113,7 +113,7 @@ def test_warm_start_summary_times_seed_mean_curves(tmp_path):
     # the last evaluation within a third of the 30 steps is step 10, where the warm mean is 0.775
     assert average["warm_step_at_third"] == 10 and average["warm_val_acc_at_third"] == pytest.approx(0.775)
     # each seed alone, over both tasks: seed 0 (b0, b2 / w0, w2) targets 0.85 and the warm start reaches it at
-    # step 20; seed 1 (b1, b2 / w1, w2) targets 0.75, reached at step 10; neither is the mean's step 20 twice
+    # step 20; seed 1 (b1, b2 / w1, w2) targets 0.75, reached at step 10 (the seed-mean curve: step 20)
     readings = average["per_seed"]
     assert [reading["target_val_acc"] for reading in readings] == [pytest.approx(0.85), pytest.approx(0.75)]
     assert [reading["warm_steps_to_target"] for reading in readings] == [20, 10]

@@ -544,31 +544,34 @@ def _warm_start_summary(baselines: list[dict[str, Any]], warms: list[dict[str, A
 
 def _average_warm_start(tasks: dict[str, Any], plot: Path, warm_label: str) -> dict[str, Any]:
     """The warm start averaged over tasks (paper Fig. 3): mean curves and steps to the baseline's final mean."""
-    # every task has as many seeds, so the mean over all runs is the mean of the per-task curves
     from ..compare import mean_series, read_scalars
 
-    warm_runs = [run for entry in tasks.values() for run in entry["warm_start"]["warm_runs"]]
-    race = _race([run for entry in tasks.values() for run in entry["warm_start"]["baseline_runs"]], warm_runs,
+    # every task has as many seeds, so the mean over all runs is the mean of the per-task curves
+    sides = {side: [entry["warm_start"][side] for entry in tasks.values()] for side in ("baseline_runs", "warm_runs")}
+    race = _race([run for runs in sides["baseline_runs"] for run in runs],
+                 [run for runs in sides["warm_runs"] for run in runs],
                  "from pretrained target, mean", f"{warm_label}, mean over {len(tasks)} tasks", plot)
+    curves = {side: [[read_scalars(run)["val/acc"] for run in runs] for runs in per_task]
+              for side, per_task in sides.items()}
     baseline_steps = max(entry["warm_start"]["baseline_steps"] for entry in tasks.values())
     # the last evaluation within a third of the run (the issue's bar): how close the mean curve is there
-    warm_curve = mean_series([read_scalars(run)["val/acc"] for run in warm_runs])
+    warm_curve = mean_series([curve for per_task in curves["warm_runs"] for curve in per_task])
     third = [(step, value) for step, value in warm_curve if 3 * step <= baseline_steps]
     return {**race, "baseline_steps": baseline_steps, "warm_step_at_third": third[-1][0] if third else None,
-            "warm_val_acc_at_third": third[-1][1] if third else None, "per_seed": _per_seed_races(tasks)}
+            "warm_val_acc_at_third": third[-1][1] if third else None,
+            "per_seed": _per_seed_races(curves["baseline_runs"], curves["warm_runs"])}
 
 
-def _per_seed_races(tasks: dict[str, Any]) -> list[dict[str, Any]]:
-    """The task-averaged race of each fine-tuning seed alone, timed against that seed's baseline final."""
-    from ..compare import mean_series, read_scalars, steps_to_target
+def _per_seed_races(baseline_curves: list[list[Any]], warm_curves: list[list[Any]]) -> list[dict[str, Any]]:
+    """Each seed's task-averaged race (curves indexed [task][seed]), timed against that seed's baseline final."""
+    from ..compare import mean_series, steps_to_target
 
     # with three seeds the mean curve can sit level with its target for several evaluations, so where it
     # first crosses depends on the seeds drawn: one reading per seed shows how much
-    seeds = min(len(entry["warm_start"]["warm_runs"]) for entry in tasks.values())
     readings = []
-    for index in range(seeds):
-        baseline, warm = (mean_series([read_scalars(entry["warm_start"][side][index])["val/acc"]
-                                       for entry in tasks.values()]) for side in ("baseline_runs", "warm_runs"))
+    for index in range(min(len(per_task) for per_task in warm_curves)):
+        baseline = mean_series([per_task[index] for per_task in baseline_curves])
+        warm = mean_series([per_task[index] for per_task in warm_curves])
         target = baseline[-1][1]
         readings.append({"target_val_acc": target, "warm_steps_to_target": steps_to_target(warm, target),
                          "baseline_steps_to_target": steps_to_target(baseline, target)})
